@@ -1,0 +1,84 @@
+"""`fxfuse inspect` on the command line."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+from fxfuse.cli import main
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _archive(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "small.pt2"
+    program = torch.export.export(Small().eval(), (torch.randn(4, 4),))
+    torch.export.save(program, path)
+    return path
+
+
+def test_inspect_prints_tier_cut_table_and_stages(tmp_path, capsys):
+    assert main(["inspect", str(_archive(tmp_path)), "--levels", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tier: export" in out
+    assert "idx  node" in out and "module path" in out and "FLOPs %" in out
+    assert "stages: 3 (levels=2)" in out
+    assert "max abs diff 0" in out
+
+
+def test_inspect_json_lists_cut_points_with_ranks_and_shapes(tmp_path, capsys):
+    assert main(["inspect", str(_archive(tmp_path)), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    closes = {c["closes"]: c for c in data["cut_points"]}
+    assert closes["body"]["rank"] == 1
+    assert closes["body"]["shape"] == [4, 8]
+    assert closes["body.0"]["rank"] == 2
+    assert len(data["chosen"]) == 3
+    assert data["cut_points"][-1]["flops_fraction"] < 1.0
+
+
+def test_inspect_of_a_factory_with_shapes(capsys):
+    spec = "torchvision.models:squeezenet1_1"
+    assert main(["inspect", spec, "--example-inputs", "2x3x64x64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tier"] == "fx"
+    assert data["output_shape"] == [2, 1000]
+
+
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path):
+    missing = tmp_path / "missing.pt2"
+    result = subprocess.run(
+        [sys.executable, "-m", "fxfuse", "inspect", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fxfuse", "-v", "inspect", str(tmp_path / "x.pt2")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_missing_example_inputs_are_asked_for():
+    code = main(["inspect", "torchvision.models:resnet18"])
+    assert code == 2
