@@ -1,24 +1,32 @@
 """fxfuse: fuse trained single-task PyTorch models into one multi-task model.
 
 The steps, one module each: `load` (safe loading), `trace` (tiers), `analyse` (cut
-points), `plan` (which cuts), `split` (stages), `report` (`inspect`).
+points), `plan` (which cuts), `split` (stages), `report` (`inspect`), `generate`
+(`fuse`), `artifact` (`save`/`load`).
 """
 
+from ._version import __version__
 from .analyse import Analysis, CutPoint, analyse
+from .artifact import load, save
 from .errors import FxfuseError
+from .generate import FusionInfo, fuse, unfreeze
 from .report import Report, inspect, split
 from .trace import Traced, trace
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
     "CutPoint",
+    "FusionInfo",
     "FxfuseError",
     "Report",
     "Traced",
+    "__version__",
     "analyse",
+    "fuse",
     "inspect",
+    "load",
+    "save",
     "split",
     "trace",
+    "unfreeze",
 ]

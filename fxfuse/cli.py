@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import FxfuseError
 
 log = logging.getLogger("fxfuse")
@@ -65,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_inspect(commands)
-    for add in _EXTRA_COMMANDS:
-        add(commands)
+    _add_fuse(commands)
     return parser
 
 
@@ -139,6 +138,122 @@ def _run_inspect(args) -> int:
         if args.graph:
             print(f"\ngraph: {written}")
     return 0
+
+
+def _add_fuse(commands) -> None:
+    command = commands.add_parser(
+        "fuse",
+        help="fuse models into one multi-task model",
+        description="Fuse trained single-task models into one multi-task artifact.",
+    )
+    command.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME=MODEL[,MODEL...]",
+        help="a task and its models (repeat for each task)",
+    )
+    _common_model_options(command)
+    command.add_argument("--levels", type=int, default=3, help="fusion levels (3)")
+    command.add_argument(
+        "--cuts",
+        action="append",
+        default=[],
+        metavar="MODEL=PATH[,PATH...]",
+        help="cut a model at these module paths or nodes instead of choosing",
+    )
+    command.add_argument("--width", type=int, default=64, help="AKF token width (64)")
+    command.add_argument("--heads", type=int, default=4, help="AKF attention heads (4)")
+    command.add_argument("-o", "--output", required=True, help="artifact folder")
+    command.add_argument(
+        "--force", action="store_true", help="replace an existing artifact"
+    )
+    command.set_defaults(run=_run_fuse)
+
+
+def _run_fuse(args) -> int:
+    from .artifact import save
+    from .errors import InputError
+    from .generate import fuse
+    from .load import load_model
+
+    tasks: dict[str, dict] = {}
+    by_key: dict[str, str] = {}
+    for entry in args.task:
+        task, _, specs = entry.partition("=")
+        task = task.strip()
+        if not task or not specs.strip():
+            raise InputError(
+                f"--task '{entry}' has no model; write --task NAME=MODEL[,MODEL...]"
+            )
+        if task in tasks:
+            raise InputError(f"task '{task}' is given twice; give each task once")
+        tasks[task] = {}
+        for spec in (s.strip() for s in specs.split(",") if s.strip()):
+            loaded = load_model(spec, allow_pickle=args.allow_pickle)
+            name = _unique_key(loaded.name, tasks[task])
+            tasks[task][name] = loaded
+            for key in (spec, loaded.name, name, f"{task}_{name}"):
+                by_key.setdefault(key, f"{task}_{name}")
+    first = next(m for models in tasks.values() for m in models.values())
+    inputs = _example_inputs(args.example_inputs, first)
+    cuts = {}
+    for entry in args.cuts:
+        key, _, paths = entry.partition("=")
+        if key not in by_key:
+            raise InputError(
+                f"--cuts names model '{key}', which no --task gives; the models are "
+                f"{sorted(set(by_key.values()))}"
+            )
+        cuts[by_key[key]] = [p.strip() for p in paths.split(",") if p.strip()]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = fuse(
+            {t: dict(m) for t, m in tasks.items()},
+            inputs,
+            levels=args.levels,
+            cuts=cuts,
+            width=args.width,
+            heads=args.heads,
+        )
+    for note in _unique(str(w.message) for w in caught):
+        print(f"fxfuse: warning: {note}", file=sys.stderr)
+    save(fused, args.output, overwrite=args.force)
+    print(format_fused(fused))
+    print(f"\nwritten: {args.output}")
+    return 0
+
+
+def format_fused(fused) -> str:
+    """A summary of a fused model: tasks, models, cuts and sizes."""
+    info = fused.fusion_info
+    trainable = sum(p.numel() for p in fused.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in fused.parameters())
+    lines = [
+        f"fused model: {len(info.tasks)} tasks, {len(info.models)} models, "
+        f"{info.levels} levels, AKF width {info.width}",
+        f"parameters: {_count(total)} ({_count(trainable)} trainable)",
+    ]
+    header = ("task", "model", "tier", "cuts")
+    rows = [
+        (
+            m.task,
+            m.name,
+            m.tier,
+            ", ".join(c or n for c, n in zip(m.cut_modules, m.cuts, strict=True)),
+        )
+        for m in info.models
+    ]
+    lines.extend(_table([header, *rows]))
+    return "\n".join(lines)
+
+
+def _unique_key(name: str, taken) -> str:
+    key, k = name, 2
+    while key in taken:
+        key, k = f"{name}{k}", k + 1
+    return key
 
 
 def _example_inputs(spec: str | None, loaded) -> tuple:
@@ -274,10 +389,6 @@ def report_json(report, notes: list[str] = ()) -> dict:
         "unused_modules": analysis.unused_modules,
         "warnings": list(notes),
     }
-
-
-# Commands defined in other modules register themselves here.
-_EXTRA_COMMANDS: list = []
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+"""Save and load fused models as a folder that loads without unpickling code.
+
+Layout of an artifact folder::
+
+    manifest.json          tasks, models, cuts, AKF settings, versions
+    stages/NAME.stageK.pt2 each model's stages as torch.export programs
+    fusion.safetensors     the AKF modules and head mixers (the trained part)
+    example_inputs.pt      a small batch of inputs (tensors only, weights_only)
+
+Saving writes a complete new folder next to the target and then swaps it in with one
+atomic rename, so an interrupted save leaves the previous artifact as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from safetensors.torch import load_file, save_file
+
+from ._version import __version__
+from .errors import ArtifactError
+from .generate import FusionInfo, build, unfreeze
+
+FORMAT = "fxfuse-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def save(
+    fused: fx.GraphModule,
+    directory: str | os.PathLike,
+    example_inputs: tuple | None = None,
+    overwrite: bool = False,
+    extra: dict | None = None,
+) -> Path:
+    """Write a fused model to `directory`.
+
+    Args:
+        fused: a model from `fxfuse.fuse` or `fxfuse.load`.
+        directory: the artifact folder to write.
+        example_inputs: inputs to export the stages with; defaults to the ones the
+            model was fused with.
+        overwrite: replace an existing artifact (never half-way).
+        extra: more JSON-serialisable entries for the manifest (training records).
+
+    Raises:
+        ArtifactError: the folder exists and `overwrite` is false, or it is not an
+            artifact and would be replaced.
+    """
+    target = Path(directory)
+    _check_target(target, overwrite)
+    info: FusionInfo = fused.fusion_info
+    inputs = tuple(example_inputs or fused.example_inputs)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        stage_files = _save_stages(fused, info, inputs, staging)
+        save_file(_fusion_state(fused), staging / "fusion.safetensors")
+        torch.save(inputs, staging / "example_inputs.pt")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "versions": {"fxfuse": __version__, "torch": torch.__version__},
+            "fusion": info.to_json(),
+            "stages": stage_files,
+            "unfrozen": getattr(fused, "unfrozen", None),
+            **(extra or {}),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load(directory: str | os.PathLike) -> fx.GraphModule:
+    """Read a fused model written by `save`. No pickled code is loaded.
+
+    Raises:
+        ArtifactError: the folder is missing, not an artifact, or damaged.
+    """
+    root = Path(directory)
+    manifest = read_manifest(root)
+    info = FusionInfo.from_json(manifest["fusion"])
+    stages = {}
+    for model in info.models:
+        files = manifest["stages"].get(model.name, [])
+        stages[model.name] = [_load_program(root / f) for f in files]
+    fused = build(info, stages)
+    state = load_file(str(root / "fusion.safetensors"))
+    missing, unexpected = fused.load_state_dict(state, strict=False)
+    missing = [k for k in missing if _is_fusion_key(k)]
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{root}/fusion.safetensors does not match the manifest (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}); the artifact is damaged, "
+            "fuse again"
+        )
+    if manifest.get("unfrozen"):
+        unfreeze(fused, manifest["unfrozen"])
+        fused.unfrozen = manifest["unfrozen"]
+    fused.example_inputs = torch.load(
+        root / "example_inputs.pt", map_location="cpu", weights_only=True
+    )
+    return fused
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of an artifact folder, checked for format."""
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ArtifactError(f"artifact folder '{root}' does not exist; run fxfuse fuse")
+    if not path.is_file():
+        raise ArtifactError(
+            f"'{root}' is not an fxfuse artifact (no {MANIFEST}); give the folder "
+            "written by fxfuse fuse"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"cannot read {path}: {error}") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not an fxfuse manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} was written by a newer fxfuse (format "
+            f"{manifest['format_version']}); upgrade fxfuse"
+        )
+    return manifest
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not overwrite:
+        raise ArtifactError(
+            f"'{target}' already exists; pass --force (overwrite=True) to replace it, "
+            "or choose another folder"
+        )
+    if not (target / MANIFEST).is_file() and any(target.iterdir()):
+        raise ArtifactError(
+            f"'{target}' exists and is not an fxfuse artifact; refusing to replace it"
+        )
+
+
+def _save_stages(fused, info: FusionInfo, inputs: tuple, folder: Path) -> dict:
+    """Export every stage with a dynamic batch dimension, fed by its real input."""
+    (folder / "stages").mkdir()
+    files: dict[str, list[str]] = {}
+    for model in info.models:
+        container = fused.get_submodule(model.name)
+        value_args = inputs
+        files[model.name] = []
+        for k, stage in enumerate(container.stages):
+            dynamic = torch.utils._pytree.tree_map(
+                lambda v: (
+                    {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None
+                ),
+                value_args,
+            )
+            with torch.no_grad():
+                program = torch.export.export(
+                    stage, value_args, dynamic_shapes=dynamic, strict=False
+                )
+                value_args = (stage(*value_args),)
+            name = f"stages/{model.name}.stage{k}.pt2"
+            torch.export.save(program, folder / name)
+            files[model.name].append(name)
+    return files
+
+
+def _load_program(path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise ArtifactError(f"stage file '{path}' is missing; the artifact is damaged")
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as error:
+        raise ArtifactError(
+            f"cannot read stage '{path}' ({str(error).splitlines()[0][:150]}); the "
+            "artifact is damaged, fuse again"
+        ) from None
+
+
+def _is_fusion_key(key: str) -> bool:
+    return key.startswith(("fusion", "mix_"))
+
+
+def _fusion_state(fused: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().contiguous().clone()
+        for k, v in fused.state_dict().items()
+        if _is_fusion_key(k)
+    }
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Move the finished folder to `target`, replacing an old one atomically."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging)  # now holds the old artifact
+        return
+    # Without an atomic exchange: move the old one aside first, then the new in.
+    aside = staging.with_name(staging.name + ".old")
+    os.rename(target, aside)
+    os.rename(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE)."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(
+        at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange
+    )
+    return result == 0

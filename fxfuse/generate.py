@@ -1,0 +1,478 @@
+"""Generate one multi-task GraphModule from the stages of several models.
+
+For each level ``k`` every model runs its stage ``k - 1`` up to its ``k``-th cut, one
+`AKF` module fuses all models' values at that cut, and each model's next stage takes
+its fused value. Each model's last stage gives its prediction; a task's prediction
+mixes its models' predictions (`HeadMixer`, uniform at first). The graph is written
+with the ``fx.Graph`` API, so ``print(fused.code)`` reads like a hand-written
+``forward``::
+
+    def forward(self, x):
+        income_mlp8 = self.income_mlp8.stage0(x)
+        income_dcn = self.income_dcn.stage0(x)
+        fusion1 = self.fusion1(income_mlp8, income_dcn)
+        ...
+        income = self.mix_income(income_mlp8_3, income_dcn_3)
+        return {'income': income}
+
+The models' stages are frozen and stay in eval mode whatever mode the fused model is
+in, so BatchNorm statistics and dropout of the trained models never drift.
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .akf import AKF, HeadMixer, Member
+from .analyse import CutPoint
+from .errors import FuseError, FxfuseError, InputError
+from .load import LoadedModel
+from .report import Report, inspect
+from .split import chain
+
+
+class FrozenStages(nn.Module):
+    """One model's stages, frozen and always in eval mode.
+
+    ``train()`` on the fused model reaches this container and is ignored, so the
+    stages' BatchNorm statistics and dropout behave as in the trained model.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module]):
+        super().__init__()
+        for k, stage in enumerate(stages):
+            self.add_module(f"stage{k}", stage)
+        self.freeze()
+
+    def freeze(self) -> None:
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenStages:
+        self.training = False
+        for stage in self.children():
+            try:
+                stage.train(False)
+            except NotImplementedError:  # stages loaded from .pt2 have a fixed mode
+                pass
+        return self
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self.children())
+
+
+@dataclass
+class ModelInfo:
+    """One model of a fused model, as the manifest records it."""
+
+    name: str
+    task: str
+    source: str
+    tier: str
+    cuts: list[str]
+    cut_modules: list[str | None]
+    shapes: list[list[int]]
+    channel_dims: list[int]
+    prediction_shape: list[int]
+    output_kind: str = "logits"
+
+
+@dataclass
+class FusionInfo:
+    """How a fused model was built: enough to build it again around saved stages."""
+
+    tasks: list[str]
+    models: list[ModelInfo]
+    levels: int
+    width: int = 64
+    heads: int = 4
+    ff_mult: int = 2
+    input_names: list[str] = field(default_factory=lambda: ["x"])
+    head_weights: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> FusionInfo:
+        data = dict(data)
+        data["models"] = [ModelInfo(**m) for m in data["models"]]
+        return cls(**data)
+
+    def task_models(self, task: str) -> list[ModelInfo]:
+        return [m for m in self.models if m.task == task]
+
+    def output_kind(self, task: str) -> str:
+        """'probability' when every model of the task ends in a sigmoid/softmax."""
+        kinds = {m.output_kind for m in self.task_models(task)}
+        return "probability" if kinds == {"probability"} else "logits"
+
+
+ModelsOfTask = Sequence[nn.Module | LoadedModel] | Mapping[str, nn.Module]
+
+
+def fuse(
+    tasks: Mapping[str, ModelsOfTask],
+    example_inputs: tuple,
+    levels: int = 3,
+    cuts: Mapping[str, Sequence[str]] | None = None,
+    width: int = 64,
+    heads: int = 4,
+    head_weights: Mapping[str, Sequence[float]] | None = None,
+) -> fx.GraphModule:
+    """Fuse trained single-task models into one multi-task GraphModule.
+
+    Args:
+        tasks: for each task, its models: a list (names come from the files or
+            classes) or a dict from name to model.
+        example_inputs: positional arguments every model accepts (batch >= 2). With
+            dict inputs, give the union of the models' keys: each model reads its own.
+        levels: fusion levels, i.e. cuts per model.
+        cuts: optional module paths or node names to cut at, per model name.
+        width: token width of the AKF modules.
+        heads: attention heads of the AKF modules.
+        head_weights: optional initial mixing weights per task (one per model, in
+            order), for instance from the models' validation scores.
+
+    Returns:
+        A GraphModule whose call returns ``{task: prediction}``. At initialisation
+        each task's prediction is the (weighted) mean of its models' predictions.
+
+    Raises:
+        FuseError: a task has no model, a model is given twice, predictions of one
+            task differ in shape, or a model has fewer cut points than `levels`.
+        InputError: the example inputs do not fit a model.
+    """
+    example_inputs = tuple(example_inputs)
+    members = _members(tasks)
+    cuts = dict(cuts or {})
+    unknown = set(cuts) - {name for name, _, _ in members}
+    if unknown:
+        raise FuseError(
+            f"--cuts names unknown models {sorted(unknown)}; the models are "
+            f"{[name for name, _, _ in members]}"
+        )
+
+    reports: list[Report] = []
+    for name, _, loaded in members:
+        report = _inspect_member(loaded, name, example_inputs, levels, cuts.get(name))
+        reports.append(report)
+
+    info = FusionInfo(
+        tasks=list(tasks),
+        models=[
+            _model_info(name, task, loaded, report, example_inputs)
+            for (name, task, loaded), report in zip(members, reports, strict=True)
+        ],
+        levels=levels,
+        width=width,
+        heads=heads,
+        input_names=_input_names(example_inputs),
+        head_weights={t: list(w) for t, w in (head_weights or {}).items()},
+    )
+    _check_predictions(info)
+    stages = {m.name: r.stages for m, r in zip(info.models, reports, strict=True)}
+    fused = build(info, stages)
+    fused.example_inputs = example_inputs
+    return fused
+
+
+def build(
+    info: FusionInfo, stages: Mapping[str, Sequence[nn.Module]]
+) -> fx.GraphModule:
+    """The fused GraphModule for `info`, around the given stage modules.
+
+    `fuse` calls this with freshly split stages; `fxfuse.load` with stages read back
+    from an artifact.
+    """
+    root = nn.Module()
+    for model in info.models:
+        root.add_module(model.name, FrozenStages(stages[model.name]))
+    for level in range(1, info.levels + 1):
+        root.add_module(f"fusion{level}", _akf(info, level))
+    for task in info.tasks:
+        models = info.task_models(task)
+        if len(models) > 1:
+            weights = info.head_weights.get(task)
+            root.add_module(f"mix_{task}", HeadMixer(len(models), weights))
+
+    graph = _fused_graph(info)
+    fused = fx.GraphModule(root, graph, "FusedModel")
+    # GraphModule copies submodules by path into plain containers; put the frozen
+    # containers back so that train() cannot reach the stages.
+    for model in info.models:
+        setattr(fused, model.name, root.get_submodule(model.name))
+    fused.fusion_info = info
+    return fused
+
+
+def trainable_parameters(fused: nn.Module):
+    """The parameters `fit` trains: AKF modules, head mixers and any unfrozen stage."""
+    return [p for p in fused.parameters() if p.requires_grad]
+
+
+def unfreeze(fused: fx.GraphModule, what: str) -> None:
+    """Make more of the fused model trainable.
+
+    Args:
+        what: "heads" (each model's last stage) or "all" (every stage). Stages stay
+            in eval mode either way; only their weights become trainable.
+    """
+    if what not in ("heads", "all"):
+        raise FxfuseError(f"unfreeze takes 'heads' or 'all', not '{what}'")
+    for model in fused.fusion_info.models:
+        container = fused.get_submodule(model.name)
+        stages = container.stages[-1:] if what == "heads" else container.stages
+        for stage in stages:
+            for parameter in stage.parameters():
+                parameter.requires_grad_(True)
+
+
+def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedModel]]:
+    """(name, task, model) for every model, with unique identifier names."""
+    if not tasks:
+        raise FuseError("no task given; name at least one task and its models")
+    members: list[tuple[str, str, LoadedModel]] = []
+    seen_ids: dict[int, str] = {}
+    seen_sources: dict[str, str] = {}
+    used: set[str] = set(tasks)
+    for task, models in tasks.items():
+        numbered = _needs_numbers(models)
+        if not _identifier(task):
+            raise FuseError(
+                f"task name '{task}' is not a valid identifier; use letters, digits "
+                "and underscores"
+            )
+        items = (
+            list(models.items())
+            if isinstance(models, Mapping)
+            else [(None, m) for m in models]
+        )
+        if not items:
+            raise FuseError(f"task '{task}' has no model; give it at least one")
+        for given_name, model in items:
+            loaded = (
+                model
+                if isinstance(model, LoadedModel)
+                else LoadedModel(
+                    given_name or type(model).__name__.lower(),
+                    model,
+                    type(model).__name__,
+                )
+            )
+            if id(loaded.model) in seen_ids:
+                raise FuseError(
+                    f"the same model object is given twice (as {seen_ids[id(loaded.model)]}"
+                    f" and in task '{task}'); give each model once"
+                )
+            if isinstance(model, LoadedModel) and loaded.source in seen_sources:
+                raise FuseError(
+                    f"model file '{loaded.source}' is given twice (tasks "
+                    f"'{seen_sources[loaded.source]}' and '{task}'); give each file once"
+                )
+            base = given_name or loaded.name
+            if numbered:
+                base = f"{base}{len([m for m in members if m[1] == task]) + 1}"
+            name = _unique_name(f"{task}_{base}", used)
+            used.add(name)
+            seen_ids[id(loaded.model)] = name
+            seen_sources[loaded.source] = task
+            members.append((name, task, loaded))
+    return members
+
+
+def _needs_numbers(models: ModelsOfTask) -> bool:
+    """Models given as a list under the same name get numbers (mlp1, mlp2)."""
+    if isinstance(models, Mapping):
+        return False
+    names = [m.name if isinstance(m, LoadedModel) else type(m).__name__ for m in models]
+    return len(set(names)) < len(names)
+
+
+def _identifier(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    name = re.sub(r"\W+", "_", name).strip("_").lower() or "model"
+    if name[0].isdigit():
+        name = f"m_{name}"
+    candidate, k = name, 2
+    while candidate in used or keyword.iskeyword(candidate):
+        candidate, k = f"{name}_{k}", k + 1
+    return candidate
+
+
+def _inspect_member(loaded, name, example_inputs, levels, cuts) -> Report:
+    """Trace, analyse and split one model at exactly `levels` cuts."""
+    try:
+        report = inspect(loaded.model, example_inputs, levels, cuts=cuts, name=name)
+    except InputError as error:
+        raise InputError(f"model {name} ({loaded.source}): {error}") from error
+    available = len(report.cut_points)
+    if cuts and len(cuts) != levels:
+        raise FuseError(
+            f"--cuts for {name} names {len(cuts)} cuts but --levels is {levels}; "
+            "name one cut per level"
+        )
+    if len(report.chosen) < levels:
+        raise FuseError(
+            f"model {name} ({loaded.source}) has {available} cut point"
+            f"{'s' * (available != 1)}, fewer than the {levels} levels asked for; "
+            f"use --levels {available} or fewer",
+            limitation="few-cut-points",
+        )
+    return report
+
+
+def _model_info(name, task, loaded, report: Report, example_inputs) -> ModelInfo:
+    with torch.no_grad():
+        prediction = chain(report.stages, *example_inputs)
+    if not isinstance(prediction, torch.Tensor):
+        raise FuseError(
+            f"model {name} returns a {type(prediction).__name__}, not one tensor; "
+            "fxfuse fuses single-task models whose output is one prediction tensor",
+            limitation="outputs",
+        )
+    return ModelInfo(
+        name=name,
+        task=task,
+        source=loaded.source,
+        tier=report.tier,
+        cuts=[c.node for c in report.chosen],
+        cut_modules=[c.closes for c in report.chosen],
+        shapes=[list(c.shape) for c in report.chosen],
+        channel_dims=[_akf_channel_dim(c) for c in report.chosen],
+        prediction_shape=list(prediction.shape),
+        output_kind=_output_kind(report.stages[-1]),
+    )
+
+
+_PROBABILITY_OPS = ("sigmoid", "softmax")
+
+
+def _output_kind(head: fx.GraphModule) -> str:
+    """'probability' when the model ends in a sigmoid or softmax, else 'logits'.
+
+    Losses and metrics need to know which of the two a model predicts.
+    """
+    output = next(n for n in reversed(head.graph.nodes) if n.op == "output")
+    node = output.all_input_nodes[0] if output.all_input_nodes else None
+    # Walk back through shape-only operations (squeeze, view, flatten).
+    while node is not None and _name_of(node) in _SHAPE_OPS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    if node is not None and any(op in _name_of(node) for op in _PROBABILITY_OPS):
+        return "probability"
+    if node is not None and node.op == "call_module":
+        module = head.get_submodule(str(node.target))
+        if isinstance(module, nn.Sigmoid | nn.Softmax):
+            return "probability"
+    return "logits"
+
+
+_SHAPE_OPS = ("squeeze", "view", "reshape", "flatten", "unsqueeze", "squeeze_dim")
+
+
+def _name_of(node: fx.Node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return str(name).split(".")[0].lower()
+
+
+def _akf_channel_dim(cut: CutPoint) -> int:
+    """AKF reads channels in dim 1 (channel-first) or the last dim."""
+    return 1 if cut.layout == "channels_first" else -1
+
+
+def _check_predictions(info: FusionInfo) -> None:
+    for task in info.tasks:
+        models = info.task_models(task)
+        shapes = {tuple(m.prediction_shape[1:]) for m in models}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{m.name} {m.prediction_shape}" for m in models)
+            raise FuseError(
+                f"the models of task '{task}' predict different shapes ({listing}); "
+                "a task's models must predict the same thing"
+            )
+
+
+def _input_names(example_inputs: tuple) -> list[str]:
+    if len(example_inputs) == 1:
+        return ["x"]
+    return [f"x{i}" for i in range(len(example_inputs))]
+
+
+def _akf(info: FusionInfo, level: int) -> AKF:
+    members = []
+    for model in info.models:
+        shape = model.shapes[level - 1]
+        channel_dim = model.channel_dims[level - 1]
+        members.append(
+            Member(
+                name=model.name,
+                task=model.task,
+                channels=shape[channel_dim],
+                channel_dim=channel_dim,
+                ndim=len(shape),
+            )
+        )
+    return AKF(
+        members, info.tasks, width=info.width, heads=info.heads, ff_mult=info.ff_mult
+    )
+
+
+def _fused_graph(info: FusionInfo) -> fx.Graph:
+    """The forward of the fused model, one node per stage, fusion and mix."""
+    graph = fx.Graph()
+    inputs = [graph.placeholder(name) for name in info.input_names]
+    values: dict[str, fx.Node] = {}
+
+    for level in range(info.levels + 1):
+        for model in info.models:
+            args = inputs if level == 0 else [values[model.name]]
+            values[model.name] = graph.create_node(
+                "call_module",
+                f"{model.name}.stage{level}",
+                tuple(args),
+                name=f"{model.name}_cut{level + 1}"
+                if level < info.levels
+                else f"{model.name}_out",
+            )
+        if level == info.levels:
+            break
+        fusion = graph.create_node(
+            "call_module",
+            f"fusion{level + 1}",
+            tuple(values[m.name] for m in info.models),
+            name=f"fusion{level + 1}",
+        )
+        for index, model in enumerate(info.models):
+            values[model.name] = graph.create_node(
+                "call_function",
+                operator.getitem,
+                (fusion, index),
+                name=f"{model.name}_fused{level + 1}",
+            )
+
+    outputs = {}
+    for task in info.tasks:
+        models = info.task_models(task)
+        predictions = tuple(values[m.name] for m in models)
+        if len(models) == 1:
+            outputs[task] = predictions[0]
+        else:
+            outputs[task] = graph.create_node(
+                "call_module", f"mix_{task}", predictions, name=task
+            )
+    graph.output(outputs)
+    graph.lint()
+    return graph
