@@ -14,6 +14,7 @@ running the graph once on the example inputs.
 
 from __future__ import annotations
 
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -167,13 +168,19 @@ class Analysis:
         raise KeyError(name_or_path)
 
 
-def analyse(traced: Traced, model: nn.Module, example_inputs: tuple) -> Analysis:
+def analyse(
+    traced: Traced,
+    model: nn.Module,
+    example_inputs: tuple,
+    eager: EagerRun | None = None,
+) -> Analysis:
     """Cut points, ranks, shapes, layouts and costs of a traced model.
 
     Args:
         traced: the graph from `fxfuse.trace.trace`.
         model: the original model (for parameter counts and module calls).
         example_inputs: positional arguments the graph is run on once.
+        eager: the model's own run on the inputs, when the caller already has it.
     """
     gm = traced.graph_module
     nodes = list(gm.graph.nodes)
@@ -197,7 +204,7 @@ def analyse(traced: Traced, model: nn.Module, example_inputs: tuple) -> Analysis
         if node.name not in dominators or node is final or node.op == "placeholder":
             continue
         value = values.get(node.name)
-        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
         closed = closes.get(node.name)
         cut_points.append(
@@ -216,7 +223,7 @@ def analyse(traced: Traced, model: nn.Module, example_inputs: tuple) -> Analysis
         )
 
     output = values.get("output")
-    calls, reference = _eager_run(model, example_inputs)
+    eager = eager or run_eagerly(model, example_inputs)
     return Analysis(
         traced=traced,
         cut_points=cut_points,
@@ -224,10 +231,10 @@ def analyse(traced: Traced, model: nn.Module, example_inputs: tuple) -> Analysis
         node_params=node_params,
         total_flops=total_flops,
         total_params=sum(p.numel() for p in model.parameters()),
-        module_calls=calls,
+        module_calls=eager.calls,
         param_names=[name for name, _ in model.named_parameters()],
         output_shape=tuple(output.shape) if isinstance(output, torch.Tensor) else None,
-        reference=reference,
+        reference=eager.output,
     )
 
 
@@ -380,15 +387,23 @@ def _channel_dims(nodes: list[fx.Node], values: dict) -> dict[str, int]:
     modules_first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
     modules_first += (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
     modules_first += (nn.GroupNorm, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)
+    modules_last = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
+    modules_last += (nn.RNNBase, nn.EmbeddingBag)
     for node in nodes:
         value = values.get(node.name)
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             continue
         ndim = value.dim()
         name = _op_name(node).lower()
+        module = None
         if node.op == "call_module":
             module = node.graph.owning_module.get_submodule(str(node.target))
-            dims[node.name] = 1 if isinstance(module, modules_first) else ndim - 1
+        if isinstance(module, modules_first):
+            dims[node.name] = 1
+        elif isinstance(module, modules_last):
+            dims[node.name] = ndim - 1
+        elif module is not None:
+            dims[node.name] = _inherited_channel_dim(node, name, ndim, dims, values)
         elif any(key in name for key in _CHANNEL_FIRST_OPS):
             dims[node.name] = 1
         elif any(key in name for key in _CHANNEL_LAST_OPS):
@@ -439,17 +454,102 @@ def _final_value(gm: fx.GraphModule) -> fx.Node | None:
     return values[0] if len(values) == 1 else None
 
 
-def _eager_run(model: nn.Module, example_inputs: tuple):
-    """The model's own output, and how many times each module ran to give it."""
-    calls: Counter[str] = Counter({name: 0 for name, _ in model.named_modules()})
+@dataclass
+class EagerRun:
+    """The model's own output on the example inputs, and its module calls."""
+
+    output: object
+    calls: dict[str, int]
+
+
+def run_eagerly(model: nn.Module, example_inputs: tuple, name: str = "") -> EagerRun:
+    """Run the model once, counting how often each module runs.
+
+    Raises:
+        InputError: the inputs do not fit the model; the message names the missing
+            input key, or the module that failed with the shapes it was given.
+    """
+    calls: Counter[str] = Counter({path: 0 for path, _ in model.named_modules()})
+    shapes: dict[str, str] = {}
+
+    def count(module, args, path):
+        calls.update([path])
+        shapes[path] = _describe(args)
+
     handles = [
-        module.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
-        for name, module in model.named_modules()
+        module.register_forward_pre_hook(lambda m, a, path=path: count(m, a, path))
+        for path, module in model.named_modules()
     ]
     try:
         with torch.no_grad():
             output = model(*example_inputs)
+    except Exception as error:
+        raise _input_error(model, example_inputs, error, shapes, name) from error
     finally:
         for handle in handles:
             handle.remove()
-    return dict(calls), output
+    return EagerRun(output, dict(calls))
+
+
+def _describe(value) -> str:
+    leaves = torch.utils._pytree.tree_leaves(value)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    return ", ".join("x".join(map(str, t.shape)) or "scalar" for t in tensors)
+
+
+def _input_error(model, example_inputs, error, shapes, name) -> InputError:
+    from .trace import _locate
+
+    name = name or type(model).__name__
+    given = _given(example_inputs)
+    if isinstance(error, KeyError):
+        return InputError(
+            f"{name} reads input {error}, which the example inputs do not have "
+            f"(they have: {given}); add it or map the inputs"
+        )
+    failure = _locate(error, {id(m): p for p, m in model.named_modules()})
+    path = failure.module_path
+    failing = _failing_module(model, error, shapes)
+    where = f" in module '{failing}' (given {shapes[failing]})" if failing else ""
+    if not failing and path is not None:
+        where = f" in module '{path or '<root>'}'"
+    expected = _expectation(model, failing)
+    return InputError(
+        f"example inputs ({given}) do not fit {name}{where}{expected}: "
+        f"{_first_line(error)}"
+    )
+
+
+def _given(example_inputs: tuple) -> str:
+    parts = []
+    for i, value in enumerate(example_inputs):
+        if isinstance(value, dict):
+            parts.extend(f"{k} {_describe(v)}" for k, v in value.items())
+        else:
+            parts.append(f"input {i} {_describe(value)}")
+    return "; ".join(parts)
+
+
+def _failing_module(model, error, shapes) -> str | None:
+    """The innermost module that had started running when the error came."""
+    deepest = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            for path, module in model.named_modules():
+                if module is owner and path in shapes:
+                    deepest = path
+    return deepest
+
+
+def _expectation(model, path) -> str:
+    if not path:
+        return ""
+    module = model.get_submodule(path)
+    if isinstance(module, nn.Linear):
+        return f", which expects {module.in_features} features in the last dimension"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f", which expects {module.in_channels} channels in dimension 1"
+    if isinstance(module, nn.Embedding):
+        return f", which expects ids below {module.num_embeddings}"
+    return ""

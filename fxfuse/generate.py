@@ -84,6 +84,11 @@ class ModelInfo:
     channel_dims: list[int]
     prediction_shape: list[int]
     output_kind: str = "logits"
+    levels: list[int] = field(default_factory=list)
+
+    def joins(self, level: int) -> bool:
+        """Whether this model's value at `level` passes through that level's AKF."""
+        return level in self.levels
 
 
 @dataclass
@@ -170,7 +175,7 @@ def fuse(
     info = FusionInfo(
         tasks=list(tasks),
         models=[
-            _model_info(name, task, loaded, report, example_inputs)
+            _model_info(name, task, loaded, report, example_inputs, levels)
             for (name, task, loaded), report in zip(members, reports, strict=True)
         ],
         levels=levels,
@@ -319,22 +324,27 @@ def _inspect_member(loaded, name, example_inputs, levels, cuts) -> Report:
     except InputError as error:
         raise InputError(f"model {name} ({loaded.source}): {error}") from error
     available = len(report.cut_points)
-    if cuts and len(cuts) != levels:
+    if cuts and len(cuts) > levels:
         raise FuseError(
             f"--cuts for {name} names {len(cuts)} cuts but --levels is {levels}; "
-            "name one cut per level"
+            "name at most one cut per level"
         )
-    if len(report.chosen) < levels:
+    if not cuts and len(report.chosen) < levels:
         raise FuseError(
             f"model {name} ({loaded.source}) has {available} cut point"
             f"{'s' * (available != 1)}, fewer than the {levels} levels asked for; "
-            f"use --levels {available} or fewer",
+            f"use --levels {available} or fewer, or name its cuts with --cuts "
+            f"{name}=... so that it joins only the last levels",
             limitation="few-cut-points",
         )
     return report
 
 
-def _model_info(name, task, loaded, report: Report, example_inputs) -> ModelInfo:
+def _model_info(
+    name, task, loaded, report: Report, example_inputs, levels: int
+) -> ModelInfo:
+    """What the manifest keeps of one model. A model with fewer cuts than `levels`
+    (named with ``cuts``) joins the last levels."""
     with torch.no_grad():
         prediction = chain(report.stages, *example_inputs)
     if not isinstance(prediction, torch.Tensor):
@@ -354,6 +364,7 @@ def _model_info(name, task, loaded, report: Report, example_inputs) -> ModelInfo
         channel_dims=[_akf_channel_dim(c) for c in report.chosen],
         prediction_shape=list(prediction.shape),
         output_kind=_output_kind(report.stages[-1]),
+        levels=list(range(levels - len(report.chosen) + 1, levels + 1)),
     )
 
 
@@ -412,10 +423,11 @@ def _input_names(example_inputs: tuple) -> list[str]:
 
 
 def _akf(info: FusionInfo, level: int) -> AKF:
+    """The AKF of one level, over the models that join it."""
     members = []
-    for model in info.models:
-        shape = model.shapes[level - 1]
-        channel_dim = model.channel_dims[level - 1]
+    for model in _joining(info, level):
+        k = model.levels.index(level)
+        shape, channel_dim = model.shapes[k], model.channel_dims[k]
         members.append(
             Member(
                 name=model.name,
@@ -425,9 +437,12 @@ def _akf(info: FusionInfo, level: int) -> AKF:
                 ndim=len(shape),
             )
         )
-    return AKF(
-        members, info.tasks, width=info.width, heads=info.heads, ff_mult=info.ff_mult
-    )
+    tasks = [t for t in info.tasks if any(m.task == t for m in members)]
+    return AKF(members, tasks, width=info.width, heads=info.heads, ff_mult=info.ff_mult)
+
+
+def _joining(info: FusionInfo, level: int) -> list[ModelInfo]:
+    return [m for m in info.models if m.joins(level)]
 
 
 def _fused_graph(info: FusionInfo) -> fx.Graph:
@@ -436,32 +451,38 @@ def _fused_graph(info: FusionInfo) -> fx.Graph:
     inputs = [graph.placeholder(name) for name in info.input_names]
     values: dict[str, fx.Node] = {}
 
-    for level in range(info.levels + 1):
-        for model in info.models:
-            args = inputs if level == 0 else [values[model.name]]
+    for level in range(1, info.levels + 1):
+        joining = _joining(info, level)
+        for model in joining:
+            k = model.levels.index(level)
+            args = inputs if k == 0 else [values[model.name]]
             values[model.name] = graph.create_node(
                 "call_module",
-                f"{model.name}.stage{level}",
+                f"{model.name}.stage{k}",
                 tuple(args),
-                name=f"{model.name}_cut{level + 1}"
-                if level < info.levels
-                else f"{model.name}_out",
+                name=f"{model.name}_cut{level}",
             )
-        if level == info.levels:
-            break
         fusion = graph.create_node(
             "call_module",
-            f"fusion{level + 1}",
-            tuple(values[m.name] for m in info.models),
-            name=f"fusion{level + 1}",
+            f"fusion{level}",
+            tuple(values[m.name] for m in joining),
+            name=f"fusion{level}",
         )
-        for index, model in enumerate(info.models):
+        for index, model in enumerate(joining):
             values[model.name] = graph.create_node(
                 "call_function",
                 operator.getitem,
                 (fusion, index),
-                name=f"{model.name}_fused{level + 1}",
+                name=f"{model.name}_fused{level}",
             )
+    for model in info.models:
+        last = len(model.levels)
+        values[model.name] = graph.create_node(
+            "call_module",
+            f"{model.name}.stage{last}",
+            (values[model.name],),
+            name=f"{model.name}_out",
+        )
 
     outputs = {}
     for task in info.tasks:

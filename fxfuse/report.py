@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from .analyse import Analysis, CutPoint, analyse
+from .analyse import Analysis, CutPoint, analyse, run_eagerly
 from .plan import plan_cuts
 from .split import check_parity
 from .split import split as split_graph
@@ -72,8 +72,9 @@ def inspect(
     name = name or type(model).__name__
     was_training = set_mode(model, training=False)
     try:
+        eager = run_eagerly(model, tuple(example_inputs), name)
         traced = trace(model, tuple(example_inputs), tuple(leaf_modules))
-        analysis = analyse(traced, model, tuple(example_inputs))
+        analysis = analyse(traced, model, tuple(example_inputs), eager)
         levels = min(levels, len(analysis.cut_points)) if not cuts else levels
         chosen = plan_cuts(analysis, levels, cuts, name) if levels else []
         stages = split_graph(traced.graph_module, [c.node for c in chosen])
@@ -106,8 +107,9 @@ def split(
     name = type(model).__name__
     was_training = set_mode(model, training=False)
     try:
+        eager = run_eagerly(model, tuple(example_inputs), name)
         traced = trace(model, tuple(example_inputs))
-        analysis = analyse(traced, model, tuple(example_inputs))
+        analysis = analyse(traced, model, tuple(example_inputs), eager)
         chosen = plan_cuts(analysis, levels, cuts, name)
         stages = split_graph(traced.graph_module, [c.node for c in chosen])
         check_parity(stages, analysis.reference, tuple(example_inputs), name)

@@ -82,3 +82,30 @@ def test_verbose_shows_the_traceback(tmp_path):
 def test_missing_example_inputs_are_asked_for():
     code = main(["inspect", "torchvision.models:resnet18"])
     assert code == 2
+
+
+def test_fuse_writes_an_artifact_and_refuses_to_overwrite(tmp_path, capsys):
+    torch.manual_seed(0)
+    paths = []
+    for name in ("a", "b", "c"):
+        program = torch.export.export(Small().eval(), (torch.randn(4, 4),))
+        torch.export.save(program, tmp_path / f"{name}.pt2")
+        paths.append(str(tmp_path / f"{name}.pt2"))
+    out = tmp_path / "fused"
+    args = ["fuse", "--task", f"t1={paths[0]},{paths[1]}", "--task", f"t2={paths[2]}"]
+    args += ["--levels", "2", "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "2 tasks, 3 models, 2 levels" in text
+    assert (out / "manifest.json").is_file()
+    assert len(list((out / "stages").glob("*.pt2"))) == 9
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+
+
+def test_fuse_refuses_the_same_file_twice(tmp_path, capsys):
+    path = _archive(tmp_path)
+    code = main(["fuse", "--task", f"t={path},{path}", "-o", str(tmp_path / "o")])
+    assert code == 2
+    assert "given twice" in capsys.readouterr().err
