@@ -13,7 +13,9 @@ from fxfuse.cli import main
 class Small(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()
+        )
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):

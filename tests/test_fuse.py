@@ -192,7 +192,9 @@ def test_empty_task_and_repeated_model_are_refused():
 
 def test_levels_above_the_cut_points_say_how_many_there_are():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
-    with pytest.raises(FuseError, match="has 2 cut points.*--levels 2 or fewer.*--cuts"):
+    with pytest.raises(
+        FuseError, match="has 2 cut points.*--levels 2 or fewer.*--cuts"
+    ):
         fxfuse.fuse({"t": [model]}, (torch.randn(4, 4),), levels=3)
 
 

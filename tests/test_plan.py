@@ -37,7 +37,9 @@ def test_resnet_cuts_fall_on_whole_top_level_blocks():
 def test_unbalanced_coarse_ranks_give_way_to_finer_ones():
     # A model whose top-level children are one big body and a tiny head: rank-1
     # cuts would put almost all FLOPs in one stage, so rank-2 blocks are used.
-    body = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(6)])
+    body = nn.Sequential(
+        *[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(6)]
+    )
     model = nn.Sequential(nn.Linear(8, 64), body, nn.Linear(64, 64), nn.Linear(64, 2))
     report = fxfuse.inspect(model.eval(), (torch.randn(2, 8),))
     assert any(c.rank == 2 for c in report.chosen)

@@ -35,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         program = torch.export.export(cls(num_classes=10).eval(), (batch,))
         torch.export.save(program, out / f"{name}.pt2")
         code = fxfuse_main(
-            ["inspect", str(out / f"{name}.pt2"), "--example-inputs",
-             str(out / "batch.pt"), "--graph", str(out / f"{name}.svg")]
+            [
+                "inspect",
+                str(out / f"{name}.pt2"),
+                "--example-inputs",
+                str(out / "batch.pt"),
+                "--graph",
+                str(out / f"{name}.svg"),
+            ]
         )
         if code:
             return code
