@@ -84,6 +84,28 @@ def save(
     return target
 
 
+def save_weights(
+    fused: fx.GraphModule, directory: str | os.PathLike, record: dict | None = None
+) -> None:
+    """Replace the trained part of an artifact in place (after `fit`).
+
+    Each file is written beside its old self and renamed over it, so an interrupted
+    call leaves whole files only.
+    """
+    root = Path(directory)
+    manifest = read_manifest(root)
+    weights = root / "fusion.safetensors"
+    temporary = weights.with_name(".fusion.safetensors.tmp")
+    save_file(_fusion_state(fused), temporary)
+    os.replace(temporary, weights)
+    if record is not None:
+        manifest["training"] = record
+    manifest["unfrozen"] = getattr(fused, "unfrozen", None)
+    text = root / ".manifest.json.tmp"
+    text.write_text(json.dumps(manifest, indent=2))
+    os.replace(text, root / MANIFEST)
+
+
 def load(directory: str | os.PathLike) -> fx.GraphModule:
     """Read a fused model written by `save`. No pickled code is loaded.
 
@@ -197,10 +219,12 @@ def _is_fusion_key(key: str) -> bool:
 
 
 def _fusion_state(fused: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained part: fusion modules, mixers, and any unfrozen stage weights."""
+    trained = {name for name, p in fused.named_parameters() if p.requires_grad}
     return {
         k: v.detach().contiguous().clone()
         for k, v in fused.state_dict().items()
-        if _is_fusion_key(k)
+        if _is_fusion_key(k) or k in trained
     }
 
 

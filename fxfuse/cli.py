@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_inspect(commands)
     _add_fuse(commands)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_export(commands)
     return parser
 
 
@@ -222,6 +225,208 @@ def _run_fuse(args) -> int:
     save(fused, args.output, overwrite=args.force)
     print(format_fused(fused))
     print(f"\nwritten: {args.output}")
+    return 0
+
+
+def _data_options(command: argparse.ArgumentParser) -> None:
+    from .data import LOADERS
+
+    command.add_argument(
+        "--data", required=True, choices=sorted(LOADERS), help="the data set"
+    )
+    command.add_argument(
+        "--data-root",
+        metavar="FOLDER",
+        help="folder with the data files (multifashion defaults to Debian's "
+        "dataset-fashion-mnist)",
+    )
+    command.add_argument(
+        "--subset",
+        type=int,
+        metavar="N",
+        help="use N training rows and N/4 validation and test rows (quick runs)",
+    )
+
+
+def _dataset(args):
+    from .data import load_dataset
+
+    data = load_dataset(args.data, args.data_root)
+    if args.subset:
+        data = data.subset(args.subset, max(args.subset // 4, 64), seed=0)
+    return data
+
+
+def _fused_tasks(fused, data) -> dict[str, str]:
+    from .errors import InputError
+
+    tasks = fused.fusion_info.tasks
+    missing = [t for t in tasks if t not in data.tasks]
+    if missing:
+        raise InputError(
+            f"the fused model's tasks {missing} are not tasks of --data (which has "
+            f"{sorted(data.tasks)}); fuse with task names of the data set"
+        )
+    return {t: data.tasks[t] for t in tasks}
+
+
+def _add_train(commands) -> None:
+    command = commands.add_parser(
+        "train",
+        help="train the fusion modules of an artifact",
+        description="Train AKF modules and head mixers (members stay frozen). "
+        "Running the same command again resumes from the last checkpoint.",
+    )
+    command.add_argument("artifact", help="folder written by fxfuse fuse")
+    _data_options(command)
+    command.add_argument("--epochs", type=int, default=10)
+    command.add_argument("--batch-size", type=int, default=1024)
+    command.add_argument("--lr", type=float, default=1e-3)
+    command.add_argument("--patience", type=int, default=3)
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument(
+        "--max-steps", type=int, help="at most this many steps per epoch"
+    )
+    command.add_argument(
+        "--unfreeze",
+        choices=["heads", "all"],
+        help="also train each model's last stage, or every stage",
+    )
+    command.add_argument(
+        "--restart", action="store_true", help="discard checkpoints and start anew"
+    )
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .artifact import load, save_weights
+    from .generate import unfreeze
+    from .train import TrainConfig, fit
+
+    fused = load(args.artifact)
+    data = _dataset(args)
+    tasks = _fused_tasks(fused, data)
+    if args.unfreeze:
+        unfreeze(fused, args.unfreeze)
+        fused.unfrozen = args.unfreeze
+    folder = Path(args.artifact) / "train"
+    if args.restart and folder.exists():
+        shutil.rmtree(folder)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+    )
+    result = fit(
+        fused,
+        data.train,
+        data.val,
+        tasks,
+        config,
+        checkpoint_dir=folder,
+        metrics_path=folder / "metrics.jsonl",
+    )
+    record = {
+        "data": args.data,
+        "best_epoch": result.best_epoch,
+        "val": result.best_metrics,
+        "epochs_run": len(result.history),
+        "seconds": round(result.seconds, 1),
+    }
+    save_weights(fused, args.artifact, record)
+    print(json.dumps({"best_epoch": result.best_epoch, "val": result.best_metrics}))
+    print(f"weights of epoch {result.best_epoch} saved into {args.artifact}")
+    return 0
+
+
+def _add_evaluate(commands) -> None:
+    command = commands.add_parser(
+        "evaluate",
+        help="score a fused model and each of its models alone",
+        description="Per-task metrics (AUC, accuracy or RMSE) of the fused model, "
+        "the plain average of its models, and each model alone.",
+    )
+    command.add_argument("artifact", help="folder written by fxfuse fuse")
+    _data_options(command)
+    command.add_argument(
+        "--split", choices=["val", "test"], default="test", help="rows to score"
+    )
+    command.add_argument("--json", action="store_true", help="machine-readable output")
+    command.set_defaults(run=_run_evaluate)
+
+
+def evaluation_rows(fused, split, tasks) -> list[tuple[str, dict[str, float]]]:
+    """(name, {task: metric}) for the fused model, the average and each model."""
+    from .generate import Average, members_alone
+    from .train import evaluate
+
+    kinds = {t: fused.fusion_info.output_kind(t) for t in tasks}
+    rows = [("fused", evaluate(fused, split, tasks, kinds))]
+    rows.append(
+        ("average of its models", evaluate(Average(fused), split, tasks, kinds))
+    )
+    for name, member in members_alone(fused).items():
+        own = {member.task: tasks[member.task]}
+        rows.append((name, evaluate(member, split, own, kinds)))
+    return rows
+
+
+def _run_evaluate(args) -> int:
+    from .artifact import load
+    from .metrics import metric_name
+
+    fused = load(args.artifact)
+    data = _dataset(args)
+    tasks = _fused_tasks(fused, data)
+    split = data.val if args.split == "val" else data.test
+    rows = evaluation_rows(fused, split, tasks)
+    if args.json:
+        print(json.dumps({name: metrics for name, metrics in rows}, indent=2))
+        return 0
+    header = ("model", *[f"{t} {metric_name(k)}" for t, k in tasks.items()])
+    table = [
+        (name, *[f"{m[t]:.4f}" if t in m else "" for t in tasks]) for name, m in rows
+    ]
+    print(f"{args.split} rows: {len(split)}")
+    print("\n".join(_table([header, *table])))
+    return 0
+
+
+def _add_export(commands) -> None:
+    command = commands.add_parser(
+        "export",
+        help="export a fused model to ONNX or torch.export",
+        description="Export to ONNX (.onnx) or a torch.export archive (.pt2), then "
+        "check the result against PyTorch at two new batch sizes.",
+    )
+    command.add_argument("artifact", help="folder written by fxfuse fuse")
+    command.add_argument(
+        "-o", "--output", required=True, help="fused.onnx or fused.pt2"
+    )
+    command.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest absolute difference allowed (1e-4)",
+    )
+    command.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .artifact import load
+    from .export import export
+
+    fused = load(args.artifact)
+    report = export(fused, fused.example_inputs, args.output, tolerance=args.tolerance)
+    print(report.summary())
     return 0
 
 

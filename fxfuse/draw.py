@@ -10,15 +10,18 @@ split copies them into every stage that reads them) do not get a box; the toolti
 box lists the constants it reads. Nodes the output does not need are drawn dashed, as
 the split drops them.
 
-Graphs with more than `MAX_BOXES` boxes are collapsed so that ``dot`` lays them out in
-seconds: nodes of one stage whose module paths share a prefix become one box per
-module, at the deepest module level that fits. The chosen cuts keep boxes of their
-own, and the graph's label says that it was collapsed.
+Large graphs are collapsed so that ``dot`` lays them out in seconds: when the graph
+has more than `MAX_BOXES` boxes, or its layout cost (boxes plus the ranks its edges
+cross, which DenseNet's concatenations make large) is above `MAX_LAYOUT_COST`, nodes
+of one stage are grouped by module, the largest groups split into their child modules
+first while the budget allows. Inputs, the output and the chosen cuts keep boxes of
+their own, and the graph's label says that it was collapsed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import shutil
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import graphviz
+import networkx as nx
 import torch.fx as fx
 
 from .analyse import module_path
@@ -40,6 +44,10 @@ log = logging.getLogger("fxfuse")
 
 SUFFIXES = (".dot", ".svg", ".png")
 MAX_BOXES = 1500
+# Layout cost (boxes plus ranks crossed by edges) above which the graph is collapsed,
+# and above which dot runs with cheaper settings.
+MAX_LAYOUT_COST = 6000
+FAST_LAYOUT_COST = 1500
 
 CHOSEN_CUT_COLOUR = "#d62728"
 CUT_COLOUR = "#fdd0a2"
@@ -139,14 +147,17 @@ def to_graphviz(report: Report, max_boxes: int = MAX_BOXES) -> graphviz.Digraph:
     needed = _ancestors_of_output(nodes)
 
     drawn = [n for n in nodes if _is_drawn(n, stage_of)]
-    depth = None
-    if len(drawn) > max_boxes:
-        depth = _collapse_depth(drawn, stage_of, chosen, max_boxes)
-    boxes, box_of = _boxes(report, drawn, stage_of, needed, chosen, cuts, depth)
+    group_of, cost = _grouping(drawn, stage_of, chosen, max_boxes)
+    boxes, box_of = _boxes(report, drawn, stage_of, needed, chosen, cuts, group_of)
 
     picture = graphviz.Digraph(report.name)
-    label = _graph_label(report, len(drawn), depth, max_boxes)
-    picture.attr(label=label, labelloc="t")
+    computing = sum(1 for n in drawn if n.op not in ("placeholder", "output"))
+    label = _graph_label(report, computing, len(boxes) if group_of else None)
+    picture.attr(label=label, labelloc="t", fontname="Helvetica")
+    if cost > FAST_LAYOUT_COST:
+        # Fewer crossing-reduction and positioning passes, straight edges: dot's
+        # defaults take minutes on graphs with many long edges.
+        picture.attr(mclimit="0.05", nslimit="0.2", nslimit1="0.2", splines="line")
     picture.attr("node", shape="box", style="rounded", fontname="Helvetica")
     picture.attr("node", fontsize="10")
     picture.attr("edge", arrowsize="0.6")
@@ -187,52 +198,137 @@ def _is_drawn(node: fx.Node, stage_of: dict[fx.Node, int]) -> bool:
     return node.op != "get_attr" and node in stage_of
 
 
-def _boxes(report, drawn, stage_of, needed, chosen, cuts, depth=None):
-    """The boxes of the picture, and the box of each drawn node.
+def _grouping(drawn, stage_of, chosen, max_boxes) -> tuple[dict, int]:
+    """The group of each collapsed node (empty when nothing needs collapsing), and
+    the layout cost of the result.
 
-    With `depth` None every node gets its own box; otherwise nodes of one stage are
-    grouped by the first `depth` parts of their module path.
+    Many long edges (DenseNet's concatenations) slow ``dot`` down as much as many
+    nodes do, so the budget of boxes is halved until the layout is cheap enough,
+    then raised again by bisection as far as the cost allows.
+    """
+    group_of: dict[fx.Node, tuple] = {}
+    cost = _layout_cost(drawn, group_of)
+    if len(drawn) <= max_boxes and cost <= MAX_LAYOUT_COST:
+        return group_of, cost
+
+    def attempt(budget: int) -> tuple[dict, int]:
+        grouping = _collapse(drawn, stage_of, chosen, budget)
+        return grouping, _layout_cost(drawn, grouping)
+
+    low, high = max_boxes, None  # cost fits at `low` (once found), not at `high`
+    group_of, cost = attempt(low)
+    while cost > MAX_LAYOUT_COST and low > 1:
+        high, low = low, low // 2
+        group_of, cost = attempt(low)
+    while high is not None and high - low > max(8, low // 8):
+        middle = (low + high) // 2
+        grouping, middle_cost = attempt(middle)
+        if middle_cost <= MAX_LAYOUT_COST:
+            low, group_of, cost = middle, grouping, middle_cost
+        else:
+            high = middle
+    return group_of, cost
+
+
+def _collapse(drawn, stage_of, chosen, budget) -> dict[fx.Node, tuple]:
+    """Group nodes by stage and module so that there are about `budget` boxes.
+
+    Starts from one group per stage and splits the largest group into its child
+    modules (and the nodes computed directly in it) while the budget allows. Inputs,
+    the output and the chosen cuts keep boxes of their own.
+
+    Returns:
+        For each grouped node, its group: (stage, module path as a tuple of parts).
+    """
+    loose = [n for n in drawn if n.op not in ("placeholder", "output")]
+    loose = [n for n in loose if n not in chosen]
+    parts = {
+        n: tuple(module_path(n).split(".")) if module_path(n) else () for n in loose
+    }
+
+    start: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for node in loose:
+        start[(stage_of.get(node), ())].append(node)
+    budget -= len(drawn) - len(loose)
+    boxes = len(start)
+    heap = [(-len(m), i, key, m) for i, (key, m) in enumerate(start.items())]
+    heapq.heapify(heap)
+    order = len(heap)
+
+    group_of: dict[fx.Node, tuple] = {}
+    while heap:
+        _, _, key, members = heapq.heappop(heap)
+        stage, prefix = key
+        children: dict[tuple, list[fx.Node]] = defaultdict(list)
+        direct = []
+        for node in members:
+            if len(parts[node]) > len(prefix):
+                children[(stage, parts[node][: len(prefix) + 1])].append(node)
+            else:
+                direct.append(node)
+        more = len(children) + len(direct) - 1
+        if len(members) == 1:
+            continue  # a group of one is drawn as that node
+        if boxes + more > budget:
+            group_of.update((node, key) for node in members)
+            continue
+        boxes += more
+        for child, child_members in children.items():
+            order += 1
+            heapq.heappush(heap, (-len(child_members), order, child, child_members))
+    return group_of
+
+
+def _layout_cost(drawn, group_of) -> int:
+    """Boxes plus the ranks that edges cross: what ``dot`` has to place.
+
+    ``dot`` puts a virtual node on every rank an edge passes, so a few long edges
+    can cost more than many boxes. Ranks are longest paths from the inputs in the
+    box graph, with cycles (a group that feeds itself through another) contracted.
+    """
+    box_of = {n: group_of.get(n, n.name) for n in drawn}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(set(box_of.values()))
+    graph.add_edges_from(_edges(drawn, box_of))
+    acyclic = nx.condensation(graph)
+    component = acyclic.graph["mapping"]
+    rank: dict[int, int] = {}
+    for c in nx.topological_sort(acyclic):
+        rank[c] = max((rank[p] + 1 for p in acyclic.predecessors(c)), default=0)
+    spans = sum(
+        max(0, rank[component[head]] - rank[component[tail]] - 1)
+        for tail, head in graph.edges
+    )
+    return graph.number_of_nodes() + spans
+
+
+def _boxes(report, drawn, stage_of, needed, chosen, cuts, group_of):
+    """The boxes of the picture, and the id of the box of each drawn node.
+
+    Nodes in `group_of` share one box per group; the others get one box each.
     """
     shapes = _known_shapes(report)
-    boxes: dict[str, _Box] = {}
+    boxes: dict[object, _Box] = {}
     box_of: dict[fx.Node, str] = {}
     for node in drawn:
-        key = _group_key(node, stage_of, chosen, depth)
+        key = group_of.get(node)
         if key is None:
             box = _node_box(node, shapes, stage_of, needed, chosen, cuts)
             boxes[box.id] = box
         else:
-            stage, prefix = key
             box = boxes.get(key)
             if box is None:
-                box_id = f"stage{stage}/{prefix or '(root)'}"
+                stage, prefix = key
+                box_id = f"stage{stage}/{'.'.join(prefix) or '(root)'}"
                 box = boxes[key] = _Box(box_id, "", "", "group", stage=stage)
             box.members.append(node)
             box.cut_points += node in cuts
         box_of[node] = box.id
 
-    for box in boxes.values():
+    for key, box in boxes.items():
         if box.kind == "group":
-            _label_group(box, needed)
+            _label_group(box, ".".join(key[1]), needed)
     return list(boxes.values()), box_of
-
-
-def _group_key(node, stage_of, chosen, depth) -> tuple | None:
-    """Which group a node collapses into, or None when it keeps its own box."""
-    if depth is None or node.op in ("placeholder", "output") or node in chosen:
-        return None
-    parts = module_path(node).split(".") if module_path(node) else []
-    return (stage_of.get(node), ".".join(parts[:depth]))
-
-
-def _collapse_depth(drawn, stage_of, chosen, max_boxes) -> int:
-    """The deepest module level at which grouping gives at most `max_boxes` boxes."""
-    deepest = max((len(module_path(n).split(".")) for n in drawn), default=0)
-    for depth in range(deepest, 0, -1):
-        keys = {_group_key(n, stage_of, chosen, depth) or n.name for n in drawn}
-        if len(keys) <= max_boxes:
-            return depth
-    return 0
 
 
 def _node_box(node, shapes, stage_of, needed, chosen, cuts) -> _Box:
@@ -266,20 +362,12 @@ def _node_box(node, shapes, stage_of, needed, chosen, cuts) -> _Box:
     )
 
 
-def _label_group(box: _Box, needed: set[fx.Node]) -> None:
-    first = module_path(box.members[0]).split(".")
-    path = ".".join(first[: _common_depth(box.members)])
+def _label_group(box: _Box, path: str, needed: set[fx.Node]) -> None:
     count = sum(1 for n in box.members if n in needed)
     box.label = f"{path or '(root)'}\\n{count} nodes"
     box.tooltip = f"module: {path or '(root)'}\\n{len(box.members)} nodes collapsed"
     if box.cut_points:
         box.tooltip += f"\\n{box.cut_points} cut points inside"
-
-
-def _common_depth(members: list[fx.Node]) -> int:
-    """How many leading module-path parts all members share."""
-    paths = [module_path(n).split(".") if module_path(n) else [] for n in members]
-    return len(os.path.commonprefix(paths))
 
 
 def _add_box(picture: graphviz.Digraph, box: _Box) -> None:
@@ -363,17 +451,16 @@ def _constant_name(node: fx.Node) -> str:
     return str(node.target) if node.op == "get_attr" else node.name
 
 
-def _graph_label(report: Report, nodes: int, depth: int | None, max_boxes: int) -> str:
+def _graph_label(report: Report, nodes: int, boxes: int | None) -> str:
     chosen = ", ".join(c.closes or c.node for c in report.chosen) or "none"
     label = (
         f"{report.name} (tier {report.tier}): {nodes} nodes, "
         f"{len(report.cut_points)} cut points, chosen cuts: {chosen}"
     )
-    if depth is not None:
-        level = f"module depth {depth}" if depth else "stage"
+    if boxes is not None:
         label += (
-            f"\\ncollapsed to one box per {level}: the graph has more than "
-            f"{max_boxes} nodes"
+            f"\\ncollapsed by module into {boxes} boxes: drawn node by node, the "
+            "graph would take too long to lay out"
         )
     return label
 

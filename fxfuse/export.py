@@ -29,11 +29,13 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -193,8 +195,12 @@ def export_onnx(
         onnx_program.save(str(target), external_data=False)
 
     def runtime(target: Path, names: _Names) -> Callable[[tuple], list[torch.Tensor]]:
+        options = onnxruntime.SessionOptions()
+        # Idle ONNX Runtime threads spin by default and would slow the eager runs
+        # timed between them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(
-            str(target), providers=["CPUExecutionProvider"]
+            str(target), options, providers=["CPUExecutionProvider"]
         )
         found = [i.name for i in session.get_inputs()]
         if found != names.inputs:
@@ -401,7 +407,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         return
     if was_training:
         warnings.warn(
-            "exported in eval mode; the model was in train mode", stacklevel=4
+            "exported in eval mode; the model was in train mode",
+            stacklevel=_caller_stacklevel(),
         )
     try:
         yield
@@ -599,6 +606,7 @@ def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
     """The result of `call` and its median time in ms over a few runs after a
     warm-up."""
     result = call()
+    gc.collect()  # the exporters leave large graphs behind; collect them now
     times = []
     for _ in range(TIMED_RUNS):
         start = time.perf_counter()
@@ -723,6 +731,16 @@ def _versions(kind: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first frame outside this
+    module (and contextlib), whichever public function was called."""
+    skip = {os.path.abspath(__file__), os.path.abspath(contextlib.__file__)}
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) in skip:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _first_line(error: BaseException) -> str:

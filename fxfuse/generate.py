@@ -242,6 +242,45 @@ def unfreeze(fused: fx.GraphModule, what: str) -> None:
                 parameter.requires_grad_(True)
 
 
+class Alone(nn.Module):
+    """One model of a fused model run alone (its stages chained, no fusion), as a
+    module that returns ``{task: prediction}`` like the fused model."""
+
+    def __init__(self, stages: FrozenStages, task: str):
+        super().__init__()
+        self.stages = stages
+        self.task = task
+
+    def forward(self, *inputs):
+        return {self.task: chain(self.stages.stages, *inputs)}
+
+
+class Average(nn.Module):
+    """The plain average of each task's models' predictions: the fused model's
+    starting point with uniform mixing, kept as a baseline."""
+
+    def __init__(self, fused: fx.GraphModule):
+        super().__init__()
+        info = fused.fusion_info
+        self.members = nn.ModuleList(
+            Alone(fused.get_submodule(m.name), m.task) for m in info.models
+        )
+
+    def forward(self, *inputs):
+        by_task: dict[str, list[torch.Tensor]] = {}
+        for member in self.members:
+            by_task.setdefault(member.task, []).append(member(*inputs)[member.task])
+        return {t: torch.stack(p).mean(0) for t, p in by_task.items()}
+
+
+def members_alone(fused: fx.GraphModule) -> dict[str, Alone]:
+    """Each model of a fused model, runnable alone, by its name in the fused model."""
+    return {
+        m.name: Alone(fused.get_submodule(m.name), m.task)
+        for m in fused.fusion_info.models
+    }
+
+
 def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedModel]]:
     """(name, task, model) for every model, with unique identifier names."""
     if not tasks:

@@ -93,6 +93,7 @@ def _from_archive(path: Path) -> LoadedModel:
             f"'{path}' is not a readable torch.export archive ({_reason(error)}); "
             "write it with torch.export.save(torch.export.export(model, inputs), path)"
         ) from None
+    _require_dynamic_batch(program, path)
     module = program.module()
     inputs = None
     stored = getattr(program, "example_inputs", None)
@@ -100,6 +101,24 @@ def _from_archive(path: Path) -> LoadedModel:
         args, kwargs = stored
         inputs = tuple(args) if args and not kwargs else None
     return LoadedModel(path.stem, module, str(path), inputs)
+
+
+def _require_dynamic_batch(program, path: Path) -> None:
+    """A program exported with a fixed batch size cannot serve other batches."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if isinstance(value.shape[0], int):
+                raise LoadError(
+                    f"'{path}' was exported with a fixed batch size of "
+                    f"{value.shape[0]} (input '{node.name}'); export it again with a "
+                    "dynamic batch: torch.export.export(model, inputs, "
+                    "dynamic_shapes=...) with torch.export.Dim.AUTO on dim 0",
+                    limitation="static-archives",
+                )
 
 
 def _from_pickle(path: Path, allow_pickle: bool) -> LoadedModel:

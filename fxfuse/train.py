@@ -106,7 +106,14 @@ class TrainConfig:
             raise FxfuseError(
                 f"schedule '{self.schedule}' is unknown; use 'constant' or 'cosine'"
             )
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
+        at_least_one = (
+            "epochs",
+            "batch_size",
+            "patience",
+            "eval_batch_size",
+            "checkpoint_every",
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise FxfuseError(
                     f"{name} must be at least 1, not {getattr(self, name)}"
@@ -708,15 +715,9 @@ def _load_checkpoint(
             "will not end as the interrupted one would have",
             stacklevel=3,
         )
-    try:
+    with _checkpoint_of_this_model(path):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError) as error:
-        first = str(error).splitlines()[0]
-        raise FxfuseError(
-            f"{path} does not belong to this model ({first}); use another "
-            "checkpoint folder or delete it to start again"
-        ) from None
     torch.set_rng_state(checkpoint["rng"])
     if checkpoint["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
@@ -733,10 +734,26 @@ def _finished_run(model: nn.Module, folder: Path, tasks: dict[str, str]) -> FitR
             f"{folder / DONE} records a run of tasks {done.get('tasks')}, not "
             f"{tasks}; use another checkpoint folder"
         )
-    checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
+    path = folder / CHECKPOINT
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    with _checkpoint_of_this_model(path):
+        model.load_state_dict(checkpoint["model"])
     logger.info("%s: training already finished; loaded its weights", folder)
     return FitResult.from_json(done)
+
+
+@contextlib.contextmanager
+def _checkpoint_of_this_model(path: Path) -> Iterator[None]:
+    """Turn a state that does not fit the model into an error that says what to do."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as error:
+        first = str(error).splitlines()[0]
+        raise FxfuseError(
+            f"{path} was written for another model or other trainable parameters "
+            f"({first}); resume with the same model and unfreeze setting, or use "
+            "another checkpoint folder (or delete it) to start again"
+        ) from None
 
 
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:

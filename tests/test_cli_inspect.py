@@ -7,6 +7,8 @@ import sys
 import torch
 from torch import nn
 
+DYNAMIC = torch.export.Dim.AUTO
+
 from fxfuse.cli import main
 
 
@@ -25,7 +27,9 @@ class Small(nn.Module):
 def _archive(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "small.pt2"
-    program = torch.export.export(Small().eval(), (torch.randn(4, 4),))
+    program = torch.export.export(
+        Small().eval(), (torch.randn(4, 4),), dynamic_shapes=({0: DYNAMIC},)
+    )
     torch.export.save(program, path)
     return path
 
@@ -90,7 +94,9 @@ def test_fuse_writes_an_artifact_and_refuses_to_overwrite(tmp_path, capsys):
     torch.manual_seed(0)
     paths = []
     for name in ("a", "b", "c"):
-        program = torch.export.export(Small().eval(), (torch.randn(4, 4),))
+        program = torch.export.export(
+            Small().eval(), (torch.randn(4, 4),), dynamic_shapes=({0: DYNAMIC},)
+        )
         torch.export.save(program, tmp_path / f"{name}.pt2")
         paths.append(str(tmp_path / f"{name}.pt2"))
     out = tmp_path / "fused"

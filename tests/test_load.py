@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+DYNAMIC = torch.export.Dim.AUTO
+
 from fxfuse.errors import InputError, LoadError
 from fxfuse.load import load_model, parse_example_inputs
 
@@ -38,11 +40,19 @@ def test_pt2_archive_loads_with_its_example_inputs(tmp_path):
     model = Tiny().eval()
     inputs = (torch.randn(3, 4),)
     path = tmp_path / "tiny.pt2"
-    torch.export.save(torch.export.export(model, inputs), path)
+    program = torch.export.export(model, inputs, dynamic_shapes=({0: DYNAMIC},))
+    torch.export.save(program, path)
     loaded = load_model(str(path))
     assert loaded.name == "tiny"
     assert loaded.example_inputs[0].shape == (3, 4)
     assert torch.allclose(loaded.model(*inputs), model(*inputs))
+
+
+def test_pt2_archive_with_a_fixed_batch_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(Tiny().eval(), (torch.randn(3, 4),)), path)
+    with pytest.raises(LoadError, match="fixed batch size of 3.*Dim.AUTO"):
+        load_model(str(path))
 
 
 def test_factory_with_safetensors_weights(tmp_path):

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(batch, out / "batch.pt")
     for name, cls in MODELS.items():
         torch.manual_seed(0)
-        program = torch.export.export(cls(num_classes=10).eval(), (batch,))
+        program = torch.export.export(
+            cls(num_classes=10).eval(),
+            (batch,),
+            dynamic_shapes=({0: torch.export.Dim.AUTO},),
+        )
         torch.export.save(program, out / f"{name}.pt2")
         code = fxfuse_main(
             [
