@@ -419,6 +419,8 @@ class HeadMixer(nn.Module):
         n_models: int,
         weights: Sequence[float] | None = None,
         context_width: int | None = None,
+        per_input: bool = False,
+        prediction_size: int = 1,
     ):
         super().__init__()
         if n_models < 1:
@@ -444,6 +446,24 @@ class HeadMixer(nn.Module):
             self.context_correction = nn.Linear(context_width, n_models)
             nn.init.zeros_(self.context_correction.weight)
             nn.init.zeros_(self.context_correction.bias)
+        # Per-input mixing from the predictions themselves: which model is confident
+        # on this input. Zero-initialised like the context correction.
+        self.per_input = None
+        if per_input and n_models > 1:
+            self.per_input = nn.Linear(n_models * prediction_size, n_models)
+            nn.init.zeros_(self.per_input.weight)
+            nn.init.zeros_(self.per_input.bias)
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Restart the mixing from these weights (positive, one per model)."""
+        if len(weights) != self.n_models or not all(w > 0 for w in weights):
+            raise ValueError(
+                f"HeadMixer weights {list(weights)} must be {self.n_models} positive "
+                "numbers"
+            )
+        total = math.fsum(weights)
+        with torch.no_grad():
+            self.logits.copy_(torch.tensor([math.log(w / total) for w in weights]))
 
     def forward(self, *predictions: Tensor, context: Tensor | None = None) -> Tensor:
         """Mix predictions of one shape: ``[B]``, ``[B, 1]`` or ``[B, K]``.
@@ -467,12 +487,16 @@ class HeadMixer(nn.Module):
             )
 
         stacked = torch.stack(predictions, dim=-1)
-        if self.context_correction is None:
+        if self.context_correction is None and self.per_input is None:
             return (stacked * self.logits.softmax(dim=-1)).sum(dim=-1)
 
         # Per-input weights [B, n] broadcast over [..., B, n]: the batch dim is moved
         # next to the model dim and back, which works for any prediction rank.
-        logits = self.logits + self.context_correction(context)
+        logits = self.logits
+        if self.context_correction is not None:
+            logits = logits + self.context_correction(context)
+        if self.per_input is not None:
+            logits = logits + self.per_input(stacked.flatten(1))
         batch_next_to_models = stacked.movedim(0, -2)
         mixed = (batch_next_to_models * logits.softmax(dim=-1)).sum(dim=-1)
         return mixed.movedim(-1, 0)
@@ -480,4 +504,5 @@ class HeadMixer(nn.Module):
     def extra_repr(self) -> str:
         context = self.context_correction
         width = None if context is None else context.in_features
-        return f"n_models={self.n_models}, context_width={width}"
+        per_input = self.per_input is not None
+        return f"n_models={self.n_models}, context_width={width}, per_input={per_input}"

@@ -293,6 +293,11 @@ def _add_train(commands) -> None:
         help="also train each model's last stage, or every stage",
     )
     command.add_argument(
+        "--uniform-heads",
+        action="store_true",
+        help="start head mixing uniform instead of from the models' validation scores",
+    )
+    command.add_argument(
         "--restart", action="store_true", help="discard checkpoints and start anew"
     )
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -305,6 +310,7 @@ def _run_train(args) -> int:
 
     from .artifact import load, save_weights
     from .generate import unfreeze
+    from .heads import weigh_heads
     from .train import TrainConfig, fit
 
     fused = load(args.artifact)
@@ -316,6 +322,11 @@ def _run_train(args) -> int:
     folder = Path(args.artifact) / "train"
     if args.restart and folder.exists():
         shutil.rmtree(folder)
+    if not args.uniform_heads and not (folder / "last.pt").exists():
+        weights = weigh_heads(fused, data.val, tasks)
+        for task, by_model in weights.items():
+            shown = ", ".join(f"{n} {w:.2f}" for n, w in by_model.items())
+            print(f"head mixing of {task} starts at: {shown}")
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -448,7 +448,19 @@ def _op_text(node: fx.Node) -> str:
 
 
 def _constant_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "get_attr" else node.name
+    """A parameter's name, or a constant's name and the parameters it comes from."""
+    if node.op == "get_attr":
+        return str(node.target)
+    sources, todo, seen = [], list(node.all_input_nodes), set()
+    while todo:
+        source = todo.pop()
+        if source in seen:
+            continue
+        seen.add(source)
+        if source.op == "get_attr":
+            sources.append(str(source.target))
+        todo.extend(source.all_input_nodes)
+    return f"{node.name} (from {', '.join(sorted(sources))})" if sources else node.name
 
 
 def _graph_label(report: Report, nodes: int, boxes: int | None) -> str:

@@ -22,6 +22,7 @@ in, so BatchNorm statistics and dropout of the trained models never drift.
 from __future__ import annotations
 
 import keyword
+import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -103,6 +104,7 @@ class FusionInfo:
     ff_mult: int = 2
     input_names: list[str] = field(default_factory=lambda: ["x"])
     head_weights: dict[str, list[float]] = field(default_factory=dict)
+    per_input_mixing: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -208,7 +210,14 @@ def build(
         models = info.task_models(task)
         if len(models) > 1:
             weights = info.head_weights.get(task)
-            root.add_module(f"mix_{task}", HeadMixer(len(models), weights))
+            size = math.prod(models[0].prediction_shape[1:])
+            mixer = HeadMixer(
+                len(models),
+                weights,
+                per_input=info.per_input_mixing,
+                prediction_size=size,
+            )
+            root.add_module(f"mix_{task}", mixer)
 
     graph = _fused_graph(info)
     fused = fx.GraphModule(root, graph, "FusedModel")

@@ -472,6 +472,7 @@ def test_resuming_another_models_checkpoint_is_an_error_that_says_what_to_do(
 # Distributed
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_end_with_the_same_weights_as_one_process(tmp_path):
     from tests._ddp_worker import CONFIG, TASKS, tiny_data, tiny_model
 
