@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxfuse: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("fxfuse: interrupted", file=sys.stderr)
+        print(
+            "fxfuse: interrupted; a training run resumes from its last checkpoint "
+            "when the same command is run again",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -345,6 +350,8 @@ def _run_train(args) -> int:
         checkpoint_dir=folder,
         metrics_path=folder / "metrics.jsonl",
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 alone writes the artifact
     record = {
         "data": args.data,
         "best_epoch": result.best_epoch,
