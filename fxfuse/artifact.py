@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .errors import ArtifactError
 from .generate import FusionInfo, build, unfreeze
+from .trace import quiet_torch_logs
 
 FORMAT = "fxfuse-artifact"
 FORMAT_VERSION = 1
@@ -206,7 +207,8 @@ def _load_program(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise ArtifactError(f"stage file '{path}' is missing; the artifact is damaged")
     try:
-        return torch.export.load(str(path)).module()
+        with quiet_torch_logs():
+            return torch.export.load(str(path)).module()
     except Exception as error:
         raise ArtifactError(
             f"cannot read stage '{path}' ({str(error).splitlines()[0][:150]}); the "

@@ -437,7 +437,10 @@ def _known_shapes(report: Report) -> dict[str, tuple]:
 
 
 def _format_shape(shape: tuple) -> str:
-    return "x".join(str(d) for d in shape) if shape else "scalar"
+    """``2x64x16x16``; a symbolic dimension (torch.export's dynamic batch) is ``B``."""
+    if not shape:
+        return "scalar"
+    return "x".join(str(d) if isinstance(d, int) else "B" for d in shape)
 
 
 def _op_text(node: fx.Node) -> str:

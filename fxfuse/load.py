@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, LoadError
+from .trace import quiet_torch_logs
 
 MIN_BATCH = 2
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
@@ -87,7 +88,8 @@ def _existing(spec: str, what: str) -> Path:
 
 def _from_archive(path: Path) -> LoadedModel:
     try:
-        program = torch.export.load(str(path))
+        with quiet_torch_logs():
+            program = torch.export.load(str(path))
     except Exception as error:
         raise LoadError(
             f"'{path}' is not a readable torch.export archive ({_reason(error)}); "

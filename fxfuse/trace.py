@@ -262,7 +262,7 @@ def _export(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     )
     if _takes_varargs(model):
         dynamic = (dynamic,)
-    with _quiet_torch_logs():
+    with quiet_torch_logs():
         program = torch.export.export(
             model, example_inputs, dynamic_shapes=dynamic, strict=False
         )
@@ -299,7 +299,7 @@ def _drop_guard_nodes(gm: fx.GraphModule) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs():
+def quiet_torch_logs():
     """torch.export logs failures loudly; fxfuse reports them itself."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch.export")]
     levels = [lg.level for lg in loggers]

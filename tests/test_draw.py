@@ -144,5 +144,5 @@ def test_constants_are_folded_into_the_nodes_that_read_them(tmp_path):
     text = draw(report, tmp_path / "scaled.dot").read_text()
 
     assert "scale [" not in text and "exp [" not in text
-    assert re.search(r'mul \[label=.*tooltip="[^"]*reads: exp (from scale)', text)
+    assert re.search(r'mul \[label=.*tooltip="[^"]*reads: exp \(from scale\)', text)
     assert "-> mul" in text and "scale ->" not in text

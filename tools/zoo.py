@@ -24,16 +24,16 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import nn
-from torch_rechub.basic.features import DenseFeature, SparseFeature
-from torch_rechub.models.multi_task import MMOE, PLE, SharedBottom
-from torch_rechub.models.ranking import DCN, DeepFM, WideDeep
 
 from examples.multifashion.models import SmallMobileNet, SmallResNet, SmallViT
+
+if TYPE_CHECKING:
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
 
 NUM_CLASSES = 10
 BATCH = 2
@@ -52,8 +52,8 @@ class ZooModel:
             always as a tuple (a dict input is one positional argument). Takes an
             optional `seed` as well.
         family: Architecture family, e.g. `"resnet"`, `"vit"`, `"rechub"`.
-        slow: True when building and running the model takes about a second or
-            more on a laptop CPU; tests mark such models `slow`.
+        slow: True for the heaviest models (building and one forward take a
+            second or more on two CPU cores); tests mark them `slow`.
     """
 
     name: str
@@ -162,7 +162,7 @@ def torchvision_models() -> list[ZooModel]:
             **vit_small,
         ),
         _torchvision_entry("swin_t", "swin", 64),
-        _torchvision_entry("swin_v2_t", "swin", 64),
+        _torchvision_entry("swin_v2_t", "swin", 64, slow=True),
         _torchvision_entry("maxvit_t", "maxvit", 224, slow=True),
         _torchvision_entry(
             "maxvit_small",
@@ -218,6 +218,10 @@ def census_rechub_features(
     Returns:
         The sparse features and the dense features, in the order given.
     """
+    # Imported here: torch-rechub pulls in scikit-learn and pandas, which the
+    # vision models do not need.
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+
     sparse_features = [
         SparseFeature(name, vocab_size=vocab, embed_dim=embed_dim)
         for name, vocab in sparse.items()
@@ -238,6 +242,9 @@ def _rechub_inputs(seed: int = 0) -> tuple[dict[str, torch.Tensor]]:
 
 
 def _build_rechub(name: str, seed: int = 0) -> nn.Module:
+    from torch_rechub.models.multi_task import MMOE, PLE, SharedBottom
+    from torch_rechub.models.ranking import DCN, DeepFM, WideDeep
+
     with _seeded(seed):
         sparse, dense = census_rechub_features(SYNTHETIC_SPARSE, SYNTHETIC_DENSE)
         features = sparse + dense

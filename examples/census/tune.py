@@ -1,0 +1,161 @@
+"""Tuning runs for the Census-Income fused models (see bench/census_tuning.md).
+
+Members are trained once per seed, exactly as `tools/bench_census.py` trains them, and
+cached; each tuning run then fuses a seed's cached members with one setting, trains
+the fusion and appends one JSON line per seed to the log: validation and test AUC of
+the fused model and of the plain average of the same members.
+
+    python examples/census/tune.py members --seeds 0 1 2
+    python examples/census/tune.py fuse --name w32 --members mlp8 mlp16 --width 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tools import bench_census as bench  # noqa: E402
+
+CACHE = Path("/tmp/fxfuse-census-members")
+LOG = Path("/tmp/fxfuse-census-tuning.jsonl")
+
+
+def _members_job(seed: int, kind: str, task: str, budget: bench.Budget) -> dict:
+    return bench.train_member(kind, task, seed, budget)
+
+
+def train_members(args) -> None:
+    budget = bench.Budget()
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(
+        args.jobs,
+        mp_context=context,
+        initializer=bench._init_worker,
+        initargs=(args.data_root, False, 1),
+    ) as pool:
+        jobs = {
+            pool.submit(_members_job, seed, kind, task, budget): (seed, kind, task)
+            for seed in args.seeds
+            for kind in args.kinds
+            for task in bench.TASKS
+        }
+        for job in futures.as_completed(jobs):
+            seed, kind, task = jobs[job]
+            result = job.result()
+            CACHE.mkdir(parents=True, exist_ok=True)
+            torch.save(result, CACHE / f"{seed}-{kind}-{task}.pt")
+            print(seed, kind, task, result["test"], result["best_epoch"],
+                  f"{result['seconds']:.0f}s", flush=True)
+
+
+def _fuse_job(name: str, fusion: bench.Fusion, seed: int, epochs: int) -> dict:
+    states = {}
+    for kind in fusion.members:
+        for task in bench.TASKS:
+            states[(kind, task)] = torch.load(
+                CACHE / f"{seed}-{kind}-{task}.pt", weights_only=False
+            )["state"]
+    started = time.perf_counter()
+    result = bench.train_fused(name, fusion, seed, states, bench.Budget(epochs=epochs))
+    result.pop("state")
+    result["wall"] = time.perf_counter() - started
+    return result
+
+
+def fuse(args) -> None:
+    cuts = {}
+    for item in args.cuts or []:
+        kind, _, names = item.partition("=")
+        cuts[kind] = names.split(",") if names else []
+    fusion = bench.Fusion(
+        members=tuple(args.members),
+        levels=args.levels,
+        cuts=cuts,
+        width=args.width,
+        heads=args.heads,
+        lr=args.lr,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        task_weights=json.loads(args.task_weights) if args.task_weights else None,
+        unfreeze=args.unfreeze,
+    )
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(
+        args.jobs,
+        mp_context=context,
+        initializer=bench._init_worker,
+        initargs=(args.data_root, False, 1),
+    ) as pool:
+        jobs = [pool.submit(_fuse_job, args.name, fusion, s, args.epochs) for s in args.seeds]
+        for job in futures.as_completed(jobs):
+            r = job.result()
+            line = {
+                "name": args.name,
+                "seed": r["seed"],
+                "fusion": r["fusion"],
+                "epochs_budget": args.epochs,
+                "val": r["val"],
+                "test": r["test"],
+                "average_val": r["average_val"],
+                "average_test": r["average_test"],
+                "diff_test": {t: r["test"][t] - r["average_test"][t] for t in bench.TASKS},
+                "diff_val": {t: r["val"][t] - r["average_val"][t] for t in bench.TASKS},
+                "best_epoch": r["best_epoch"],
+                "history": r["history"],
+                "seconds": r["seconds"],
+                "trainable": r["trainable"],
+            }
+            line["diff_test"]["mean"] = sum(line["diff_test"].values()) / 2
+            line["diff_val"]["mean"] = sum(line["diff_val"].values()) / 2
+            with LOG.open("a") as file:
+                file.write(json.dumps(line) + "\n")
+            d, v = line["diff_test"], line["diff_val"]
+            print(
+                f"{args.name} seed {r['seed']}: test {r['test']['income']:.4f}/"
+                f"{r['test']['never_married']:.4f} diff test {d['income']:+.4f}/"
+                f"{d['never_married']:+.4f} mean {d['mean']:+.4f} | val diff "
+                f"{v['income']:+.4f}/{v['never_married']:+.4f} | best epoch "
+                f"{r['best_epoch']} {r['seconds']:.0f}s",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(bench.DEFAULT_DATA))
+    parser.add_argument("--jobs", type=int, default=2)
+    sub = parser.add_subparsers(dest="command", required=True)
+    members = sub.add_parser("members")
+    members.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    members.add_argument("--kinds", nargs="+", default=list(bench.MEMBERS))
+    run = sub.add_parser("fuse")
+    run.add_argument("--name", required=True)
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--members", nargs="+", default=["mlp8", "mlp16"])
+    run.add_argument("--levels", type=int, default=3)
+    run.add_argument("--cuts", nargs="*", help="kind=node,node (or kind=<last>)")
+    run.add_argument("--width", type=int, default=64)
+    run.add_argument("--heads", type=int, default=4)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--schedule", default="constant")
+    run.add_argument("--weight-decay", type=float, default=0.01)
+    run.add_argument("--task-weights")
+    run.add_argument("--unfreeze")
+    run.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    {"members": train_members, "fuse": fuse}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

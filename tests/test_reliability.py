@@ -1,0 +1,307 @@
+"""Bad input on the command line: one line on stderr, exit code 2, nothing lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+from fxfuse.trace import FrozenAttributeWarning, ModeDependentGraphWarning
+
+ROOT = Path(__file__).resolve().parents[1]
+DYNAMIC = torch.export.Dim.AUTO
+
+
+class Small(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(4, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()
+        )
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _archive(folder: Path, name: str, width: int = 8) -> str:
+    torch.manual_seed(len(name))
+    program = torch.export.export(
+        Small(width).eval(), (torch.randn(4, 4),), dynamic_shapes=({0: DYNAMIC},)
+    )
+    torch.export.save(program, folder / f"{name}.pt2")
+    return str(folder / f"{name}.pt2")
+
+
+def fxfuse_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fxfuse", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("fxfuse: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"just some text\n", "not a PyTorch file"),
+    ],
+)
+def test_files_that_are_not_models(tmp_path, content, fragment):
+    path = tmp_path / "model.pt"
+    if content is not None:
+        path.write_bytes(content)
+    _one_line_error(fxfuse_cli("inspect", str(path)), fragment)
+
+
+def test_truncated_archive(tmp_path):
+    path = Path(_archive(tmp_path, "a"))
+    path.write_bytes(path.read_bytes()[:300])
+    _one_line_error(fxfuse_cli("inspect", str(path)), "not a readable torch.export")
+
+
+def test_pickle_without_opt_in_runs_no_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    payload = tmp_path / "model.pt"
+    script = (
+        "import torch\n"
+        "class M:\n"
+        f"    def __reduce__(self): return (open, ({str(marker)!r}, 'w'))\n"
+        f"torch.save(M(), {str(payload)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    _one_line_error(fxfuse_cli("inspect", str(payload)), "--allow-pickle")
+    assert not marker.exists()
+
+
+def test_inputs_that_do_not_fit_name_the_input_and_both_shapes(tmp_path):
+    path = _archive(tmp_path, "a")
+    result = fxfuse_cli("inspect", path, "--example-inputs", "2x5")
+    _one_line_error(result, "input 0 2x5")
+
+
+def test_inputs_that_do_not_fit_a_factory_model_name_the_layer(tmp_path):
+    spec = "torchvision.models:resnet18"
+    result = fxfuse_cli("inspect", spec, "--example-inputs", "2x4x32x32")
+    _one_line_error(result, "2x4x32x32", "'conv1'", "expects 3 channels")
+
+
+def test_task_without_models(tmp_path):
+    _one_line_error(
+        fxfuse_cli("fuse", "--task", "t=", "-o", str(tmp_path / "o")), "no model"
+    )
+
+
+def test_levels_above_the_cut_points(tmp_path):
+    path = _archive(tmp_path, "a")
+    result = fxfuse_cli(
+        "fuse", "--task", f"t={path}", "--levels", "9", "-o", str(tmp_path / "o")
+    )
+    _one_line_error(result, "has 4 cut points", "--levels 4 or fewer")
+
+
+def test_an_existing_output_is_kept_unless_forced(tmp_path):
+    a, b = _archive(tmp_path, "a"), _archive(tmp_path, "b", 16)
+    out = tmp_path / "fused"
+    assert fxfuse_cli("fuse", "--task", f"t={a},{b}", "-o", str(out)).returncode == 0
+    before = (out / "manifest.json").read_text()
+    _one_line_error(fxfuse_cli("fuse", "--task", f"t={a}", "-o", str(out)), "--force")
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_a_failed_save_leaves_the_old_artifact_whole(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    fused = fxfuse.fuse(
+        {"t": [Small(8).eval(), Small(16).eval()]}, (torch.randn(4, 4),)
+    )
+    out = tmp_path / "fused"
+    fxfuse.save(fused, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    calls = {"n": 0}
+    real_save = torch.export.save
+
+    def dies_half_way(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the process were stopped here
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        fxfuse.save(fused, out, overwrite=True)
+    after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fused")]
+    fxfuse.load(out)
+
+
+def test_a_killed_save_leaves_the_old_artifact_loadable(tmp_path):
+    """SIGKILL at a random moment of a save: the folder is the old or the new one."""
+    torch.manual_seed(0)
+    fused = fxfuse.fuse(
+        {"t": [Small(8).eval(), Small(16).eval()]}, (torch.randn(4, 4),)
+    )
+    out = tmp_path / "fused"
+    fxfuse.save(fused, out)
+    script = (
+        "import fxfuse, sys\n"
+        f"fused = fxfuse.load({str(out)!r})\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        f"    fxfuse.save(fused, {str(out)!r}, overwrite=True)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout.readline().strip() == b"ready"
+    time.sleep(1.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    loaded = fxfuse.load(out)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["t"], fused(x)["t"])
+
+
+class _FrozenAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.tensor(2.0)  # neither parameter nor buffer
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) * self.scale))
+
+
+def test_a_plain_tensor_attribute_is_reported_as_frozen():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxfuse.inspect(_FrozenAttribute(), (torch.randn(3, 4),))
+    messages = [str(w.message) for w in caught if w.category is FrozenAttributeWarning]
+    assert messages and "'scale'" in messages[0] and "register_buffer" in messages[0]
+
+
+class _ModeDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h + 0.1 * torch.randn_like(h)
+        return self.b(h)
+
+
+def test_a_graph_that_differs_between_train_and_eval_is_reported():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxfuse.inspect(_ModeDependent(), (torch.randn(3, 4),))
+    assert any(w.category is ModeDependentGraphWarning for w in caught)
+
+
+def test_errors_from_limitations_point_to_their_entry():
+    entries = (ROOT / "docs" / "limitations.md").read_text()
+    for anchor in ("tracing", "few-cut-points", "pickled-models", "static-archives"):
+        assert f"## {anchor}" in entries
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+        )
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_path):
+    paths = []
+    for name in ("left", "right"):
+        torch.manual_seed(len(name))
+        program = torch.export.export(
+            _TinyCNN().eval(),
+            (torch.rand(4, 1, 36, 36),),
+            dynamic_shapes=({0: DYNAMIC},),
+        )
+        torch.export.save(program, tmp_path / f"{name}.pt2")
+        paths.append(tmp_path / f"{name}.pt2")
+    out = tmp_path / "fused"
+    fused = fxfuse_cli(
+        "fuse",
+        "--task",
+        f"left={paths[0]}",
+        "--task",
+        f"right={paths[1]}",
+        "--levels",
+        "2",
+        "-o",
+        str(out),
+    )
+    assert fused.returncode == 0, fused.stderr
+    train = [
+        sys.executable,
+        "-m",
+        "fxfuse",
+        "-v",
+        "train",
+        str(out),
+        "--data",
+        "multifashion",
+        "--subset",
+        "1024",
+        "--epochs",
+        "6",
+        "--max-steps",
+        "10",
+        "--batch-size",
+        "32",
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(train, stderr=subprocess.PIPE, text=True, env=env)
+    checkpoint = out / "train" / "last.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "no checkpoint was written"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "resumes from its last checkpoint" in err
+    assert checkpoint.exists()
+
+    resumed = subprocess.run(train, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resum" in resumed.stderr.lower()
+    assert (out / "train" / "done.json").exists()
