@@ -14,6 +14,7 @@ running the graph once on the example inputs.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import InputError
@@ -275,16 +278,37 @@ class _Recorder(fx.Interpreter):
 
 
 def _run(gm: fx.GraphModule, example_inputs: tuple):
-    """Every node's value and FLOPs on the example inputs."""
-    recorder = _Recorder(gm)
+    """Every node's value (shape and dtype) and FLOPs on the example inputs.
+
+    The graph runs on fake tensors, which carry shapes but compute nothing; a graph
+    with an operation fake tensors cannot run falls back to a real run.
+    """
     try:
-        with torch.no_grad(), recorder.counter:
-            output = recorder.run(*example_inputs)
+        return _record(gm, example_inputs, fake=True)
+    except Exception:
+        pass
+    try:
+        return _record(gm, example_inputs, fake=False)
     except Exception as error:
         raise InputError(
             f"the example inputs do not fit the traced model: {_first_line(error)}; "
             "pass inputs with the shapes and dtypes the model expects"
         ) from error
+
+
+def _record(gm: fx.GraphModule, example_inputs: tuple, fake: bool):
+    recorder = _Recorder(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if mode is not None:
+            stack.enter_context(mode)
+            example_inputs = pytree.tree_map(
+                lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
+                example_inputs,
+            )
+        stack.enter_context(recorder.counter)
+        output = recorder.run(*example_inputs)
     values = {n.name: v for n, v in recorder.env.items()}
     values["output"] = output
     return values, recorder.flops
