@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .errors import ArtifactError
-from .generate import FusionInfo, build, unfreeze
+from .generate import FusionInfo, build, stages_of, unfreeze
 from .trace import quiet_torch_logs
 
 FORMAT = "fxfuse-artifact"
@@ -132,10 +132,10 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
         )
     if manifest.get("unfrozen"):
         unfreeze(fused, manifest["unfrozen"])
-        fused.unfrozen = manifest["unfrozen"]
-    fused.example_inputs = torch.load(
+    inputs = torch.load(
         root / "example_inputs.pt", map_location="cpu", weights_only=True
     )
+    fused.keep("example_inputs", inputs)
     return fused
 
 
@@ -182,10 +182,9 @@ def _save_stages(fused, info: FusionInfo, inputs: tuple, folder: Path) -> dict:
     (folder / "stages").mkdir()
     files: dict[str, list[str]] = {}
     for model in info.models:
-        container = fused.get_submodule(model.name)
         value_args = inputs
         files[model.name] = []
-        for k, stage in enumerate(container.stages):
+        for k, stage in enumerate(stages_of(fused, model.name)):
             dynamic = torch.utils._pytree.tree_map(
                 lambda v: (
                     {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None

@@ -323,7 +323,6 @@ def _run_train(args) -> int:
     tasks = _fused_tasks(fused, data)
     if args.unfreeze:
         unfreeze(fused, args.unfreeze)
-        fused.unfrozen = args.unfreeze
     folder = Path(args.artifact) / "train"
     if args.restart and folder.exists():
         shutil.rmtree(folder)

@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import graphviz
 import networkx as nx
@@ -37,8 +38,10 @@ import torch.fx as fx
 
 from .analyse import module_path
 from .errors import FxfuseError, InputError
-from .report import Report
 from .split import _ancestors_of_output, _stage_of
+
+if TYPE_CHECKING:
+    from .report import Report
 
 log = logging.getLogger("fxfuse")
 

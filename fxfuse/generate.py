@@ -41,34 +41,54 @@ from .split import chain
 
 
 class FrozenStages(nn.Module):
-    """One model's stages, frozen and always in eval mode.
-
-    ``train()`` on the fused model reaches this container and is ignored, so the
-    stages' BatchNorm statistics and dropout behave as in the trained model.
-    """
+    """One model's stages (``stage0`` ... ``stageL``), frozen."""
 
     def __init__(self, stages: Sequence[nn.Module]):
         super().__init__()
         for k, stage in enumerate(stages):
             self.add_module(f"stage{k}", stage)
-        self.freeze()
-
-    def freeze(self) -> None:
         for parameter in self.parameters():
             parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> FrozenStages:
-        self.training = False
-        for stage in self.children():
-            try:
-                stage.train(False)
-            except NotImplementedError:  # stages loaded from .pt2 have a fixed mode
-                pass
+
+class FusedModel(fx.GraphModule):
+    """The fused GraphModule. ``train()`` reaches the fusion modules and mixers only:
+    the models' stages stay in eval mode, so their BatchNorm statistics and dropout
+    behave as in the trained models."""
+
+    def train(self, mode: bool = True) -> FusedModel:
+        self.training = mode
+        stage_owners = {m.name for m in self.fusion_info.models}
+        for name, child in self.named_children():
+            if name in stage_owners:
+                _set_eval(child)
+            else:
+                child.train(mode)
         return self
 
-    @property
-    def stages(self) -> list[nn.Module]:
-        return list(self.children())
+    def keep(self, name: str, value) -> None:
+        """Set an attribute that survives ``copy.deepcopy`` (``fusion_info``,
+        ``example_inputs``): GraphModule restores those kept in its meta."""
+        setattr(self, name, value)
+        self.meta.setdefault(_PRESERVED, {})[name] = value
+
+
+# GraphModule.meta entries under this key are set again on a copy.deepcopy.
+_PRESERVED = "_user_preserved_attributes"
+
+
+def _set_eval(module: nn.Module) -> None:
+    module.training = False
+    for child in module.children():
+        try:
+            child.train(False)
+        except NotImplementedError:  # stages loaded from .pt2 have a fixed mode
+            pass
+
+
+def stages_of(fused: fx.GraphModule, name: str) -> list[nn.Module]:
+    """The stage modules of the model called `name` in a fused model, in order."""
+    return list(fused.get_submodule(name).children())
 
 
 @dataclass
@@ -189,7 +209,7 @@ def fuse(
     _check_predictions(info)
     stages = {m.name: r.stages for m, r in zip(info.models, reports, strict=True)}
     fused = build(info, stages)
-    fused.example_inputs = example_inputs
+    fused.keep("example_inputs", example_inputs)
     return fused
 
 
@@ -220,12 +240,10 @@ def build(
             root.add_module(f"mix_{task}", mixer)
 
     graph = _fused_graph(info)
-    fused = fx.GraphModule(root, graph, "FusedModel")
-    # GraphModule copies submodules by path into plain containers; put the frozen
-    # containers back so that train() cannot reach the stages.
-    for model in info.models:
-        setattr(fused, model.name, root.get_submodule(model.name))
-    fused.fusion_info = info
+    fused = FusedModel(root, graph, "FusedModel")
+    fused.keep("fusion_info", info)
+    fused.keep("example_inputs", ())
+    fused.train(False)
     return fused
 
 
@@ -243,9 +261,10 @@ def unfreeze(fused: fx.GraphModule, what: str) -> None:
     """
     if what not in ("heads", "all"):
         raise FxfuseError(f"unfreeze takes 'heads' or 'all', not '{what}'")
+    fused.keep("unfrozen", what)
     for model in fused.fusion_info.models:
-        container = fused.get_submodule(model.name)
-        stages = container.stages[-1:] if what == "heads" else container.stages
+        stages = stages_of(fused, model.name)
+        stages = stages[-1:] if what == "heads" else stages
         for stage in stages:
             for parameter in stage.parameters():
                 parameter.requires_grad_(True)
@@ -255,13 +274,17 @@ class Alone(nn.Module):
     """One model of a fused model run alone (its stages chained, no fusion), as a
     module that returns ``{task: prediction}`` like the fused model."""
 
-    def __init__(self, stages: FrozenStages, task: str):
+    def __init__(self, stages: Sequence[nn.Module], task: str):
         super().__init__()
-        self.stages = stages
+        self.stages = nn.ModuleList(stages)
         self.task = task
 
+    def train(self, mode: bool = True) -> Alone:
+        self.training = mode  # the stages keep their eval mode
+        return self
+
     def forward(self, *inputs):
-        return {self.task: chain(self.stages.stages, *inputs)}
+        return {self.task: chain(list(self.stages), *inputs)}
 
 
 class Average(nn.Module):
@@ -272,7 +295,7 @@ class Average(nn.Module):
         super().__init__()
         info = fused.fusion_info
         self.members = nn.ModuleList(
-            Alone(fused.get_submodule(m.name), m.task) for m in info.models
+            Alone(stages_of(fused, m.name), m.task) for m in info.models
         )
 
     def forward(self, *inputs):
@@ -285,7 +308,7 @@ class Average(nn.Module):
 def members_alone(fused: fx.GraphModule) -> dict[str, Alone]:
     """Each model of a fused model, runnable alone, by its name in the fused model."""
     return {
-        m.name: Alone(fused.get_submodule(m.name), m.task)
+        m.name: Alone(stages_of(fused, m.name), m.task)
         for m in fused.fusion_info.models
     }
 
