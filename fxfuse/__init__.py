@@ -9,6 +9,7 @@ from ._version import __version__
 from .analyse import Analysis, CutPoint, analyse
 from .artifact import load, save
 from .errors import FxfuseError
+from .export import ExportReport, ParityCheck, export_onnx, export_pt2
 from .generate import FusionInfo, fuse, unfreeze
 from .report import Report, inspect, split
 from .trace import Traced, trace
@@ -16,12 +17,16 @@ from .trace import Traced, trace
 __all__ = [
     "Analysis",
     "CutPoint",
+    "ExportReport",
     "FusionInfo",
     "FxfuseError",
+    "ParityCheck",
     "Report",
     "Traced",
     "__version__",
     "analyse",
+    "export_onnx",
+    "export_pt2",
     "fuse",
     "inspect",
     "load",

@@ -439,10 +439,17 @@ def _add_export(commands) -> None:
 
 def _run_export(args) -> int:
     from .artifact import load
+    from .errors import ExportError
     from .export import export
 
     fused = load(args.artifact)
-    report = export(fused, fused.example_inputs, args.output, tolerance=args.tolerance)
+    try:
+        report = export(fused, None, args.output, tolerance=args.tolerance)
+    except ExportError as error:
+        report = getattr(error, "report", None)
+        if report is not None:
+            print(report.summary())
+        raise
     print(report.summary())
     return 0
 

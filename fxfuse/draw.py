@@ -178,7 +178,7 @@ def to_graphviz(report: Report, max_boxes: int = MAX_BOXES) -> graphviz.Digraph:
         share = 100.0 * stage_flops.get(k, 0) / total if total else 0.0
         with picture.subgraph(name=f"cluster_{k}") as cluster:
             cluster.attr(
-                label=f"stage {k}: {size} nodes, {share:.1f}% FLOPs",
+                label=f"stage {k}: {_count(size, 'node')}, {share:.1f}% FLOPs",
                 style="filled",
                 color="#9aa5b1",
                 fillcolor=STAGE_COLOURS[k % len(STAGE_COLOURS)],
@@ -261,6 +261,8 @@ def _collapse(drawn, stage_of, chosen, budget) -> dict[fx.Node, tuple]:
     group_of: dict[fx.Node, tuple] = {}
     while heap:
         _, _, key, members = heapq.heappop(heap)
+        if len(members) == 1:
+            continue  # a group of one is drawn as that node
         stage, prefix = key
         children: dict[tuple, list[fx.Node]] = defaultdict(list)
         direct = []
@@ -270,8 +272,6 @@ def _collapse(drawn, stage_of, chosen, budget) -> dict[fx.Node, tuple]:
             else:
                 direct.append(node)
         more = len(children) + len(direct) - 1
-        if len(members) == 1:
-            continue  # a group of one is drawn as that node
         if boxes + more > budget:
             group_of.update((node, key) for node in members)
             continue
@@ -367,7 +367,7 @@ def _node_box(node, shapes, stage_of, needed, chosen, cuts) -> _Box:
 
 def _label_group(box: _Box, path: str, needed: set[fx.Node]) -> None:
     count = sum(1 for n in box.members if n in needed)
-    box.label = f"{path or '(root)'}\\n{count} nodes"
+    box.label = f"{path or '(root)'}\\n{_count(count, 'node')}"
     box.tooltip = f"module: {path or '(root)'}\\n{len(box.members)} nodes collapsed"
     if box.cut_points:
         box.tooltip += f"\\n{box.cut_points} cut points inside"
@@ -472,8 +472,8 @@ def _constant_name(node: fx.Node) -> str:
 def _graph_label(report: Report, nodes: int, boxes: int | None) -> str:
     chosen = ", ".join(c.closes or c.node for c in report.chosen) or "none"
     label = (
-        f"{report.name} (tier {report.tier}): {nodes} nodes, "
-        f"{len(report.cut_points)} cut points, chosen cuts: {chosen}"
+        f"{report.name} (tier {report.tier}): {_count(nodes, 'node')}, "
+        f"{_count(len(report.cut_points), 'cut point')}, chosen cuts: {chosen}"
     )
     if boxes is not None:
         label += (
@@ -481,6 +481,10 @@ def _graph_label(report: Report, nodes: int, boxes: int | None) -> str:
             "graph would take too long to lay out"
         )
     return label
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -37,6 +37,7 @@ log = logging.getLogger("fxfuse")
 TIERS = ("fx", "fx+leaves", "export")
 MAX_LEAF_RETRIES = 8
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class FallbackWarning(UserWarning):
@@ -319,7 +320,7 @@ def _locate(error: BaseException, paths: dict[int, str]) -> _Failure:
     user = None
     for frame, lineno in traceback.walk_tb(error.__traceback__):
         filename = frame.f_code.co_filename
-        if filename.startswith(_TORCH_DIR) or "<" in filename:
+        if filename.startswith((_TORCH_DIR, _OWN_DIR)) or "<" in filename:
             continue
         user = (frame, lineno)
     if user is None:

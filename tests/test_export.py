@@ -17,15 +17,16 @@ import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch_rechub.basic.layers import MLP, EmbeddingLayer
-from torch_rechub.models.ranking import DCN
 
 import fxfuse
 from fxfuse.errors import ExportError
 from fxfuse.export import ExportReport, export, export_onnx, export_pt2
-from tools.zoo import census_rechub_features, multifashion_models
+from tools.bench_export import census_fused, vision_fused
 
 from .conftest import SHARED
+
+# Fixtures fuse models whose fallback to the export tier is expected.
+pytestmark = pytest.mark.filterwarnings("ignore::fxfuse.trace.FallbackWarning")
 
 TOLERANCE = 1e-4
 
@@ -47,21 +48,6 @@ def _one_thread():
 # ----------------------------------------------------------------------- models
 
 
-class DictMLP(nn.Module):
-    """A small single-task model on a dict of census features, as a user writes it."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
-        self.embedding = EmbeddingLayer(features)
-        width = sum(f.embed_dim for f in features)
-        self.mlp = MLP(width, output_layer=True, dims=[16, 8])
-
-    def forward(self, x):
-        h = self.embedding(x, self.features, squeeze_dim=True)
-        return torch.sigmoid(self.mlp(h).squeeze(1))
-
-
 def census_inputs(batch: int = 8, seed: int = 0) -> tuple[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     inputs = {
@@ -70,34 +56,6 @@ def census_inputs(batch: int = 8, seed: int = 0) -> tuple[dict[str, torch.Tensor
     }
     inputs.update({name: torch.rand(batch, generator=generator) for name in DENSE})
     return (inputs,)
-
-
-def census_fused() -> torch.fx.GraphModule:
-    """Two tasks, each with a torch-rechub DCN and a small MLP on the same dict."""
-    models = {}
-    for seed, task in enumerate(["income", "never_married"]):
-        torch.manual_seed(seed)
-        features = sum(census_rechub_features(SPARSE, DENSE), [])
-        dcn = DCN(features, n_cross_layers=2, mlp_params={"dims": [16]})
-        mlp = DictMLP(sum(census_rechub_features(SPARSE, DENSE), []))
-        models[task] = {"dcn": dcn.eval(), "mlp": mlp.eval()}
-    # DCN's last cut point is its squeezed [B] output, which AKF cannot read: cut
-    # after the embeddings and the final linear layer instead.
-    cuts = {f"{task}_dcn": ["embedding", "linear"] for task in models}
-    return fxfuse.fuse(models, census_inputs(), levels=2, cuts=cuts).eval()
-
-
-def vision_fused() -> torch.fx.GraphModule:
-    zoo = {entry.name: entry for entry in multifashion_models()}
-    models = {
-        "left": {
-            "resnet": zoo["multifashion_resnet"].build(),
-            "vit": zoo["multifashion_vit"].build(),
-        },
-        "right": {"mobilenet": zoo["multifashion_mobilenet"].build()},
-    }
-    images = torch.randn(4, 1, 36, 36, generator=torch.Generator().manual_seed(0))
-    return fxfuse.fuse(models, (images,), levels=3).eval()
 
 
 class ShopTower(nn.Module):
@@ -277,7 +235,8 @@ def test_model_loaded_from_an_artifact_exports_to_onnx(branch, tmp_path):
 
 @pytest.fixture(scope="module")
 def census(tmp_path_factory):
-    fused = census_fused()
+    # Per task a torch-rechub DCN and a small MLP on the same dict of features.
+    fused = census_fused(SPARSE, DENSE, census_inputs())
     path = tmp_path_factory.mktemp("census") / "fused.onnx"
     return fused, path, export_onnx(fused, census_inputs(), path)
 
