@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from .analyse import Analysis, CutPoint
 from .errors import PlanError
 
+# The balancing search is quadratic in the candidates; graphs with more cut points
+# than this are searched over this many, spread evenly over the FLOPs.
+MAX_CANDIDATES = 256
+
 # A plan is balanced enough when no stage holds more than this many times its fair
 # share of the model's FLOPs (1 / (levels + 1)).
 BALANCE_LIMIT = 2.0
@@ -105,12 +109,27 @@ def _named_cuts(analysis: Analysis, cuts: Sequence[str], name: str) -> list[CutP
     return chosen
 
 
+def _thinned(pool: list[CutPoint], total: int) -> list[CutPoint]:
+    """At most `MAX_CANDIDATES` cut points, the nearest to evenly spaced FLOPs."""
+    if len(pool) <= MAX_CANDIDATES:
+        return pool
+    kept: dict[int, CutPoint] = {}
+    j = 0
+    for k in range(MAX_CANDIDATES):
+        target = total * (k + 0.5) / MAX_CANDIDATES
+        while j + 1 < len(pool) and pool[j + 1].flops <= target:
+            j += 1
+        kept[pool[j].index] = pool[j]
+    return sorted(kept.values(), key=lambda c: c.index)
+
+
 def _balanced(pool: list[CutPoint], levels: int, total: int) -> list[CutPoint]:
     """`levels` cuts from `pool` that make the stages' FLOPs as equal as possible.
 
     Minimises the sum of squared stage FLOPs: best[k][j] is the cost of the first
     k stages when the k-th cut is pool[j].
     """
+    pool = _thinned(pool, total)
     flops = [c.flops for c in pool]
     n = len(pool)
     inf = float("inf")
