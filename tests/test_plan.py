@@ -66,3 +66,27 @@ def test_too_many_levels_says_how_many_cut_points_there_are():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
     with pytest.raises(PlanError, match="has 2 cut points.*--levels 2 or fewer"):
         fxfuse.split(model, (torch.randn(2, 4),), levels=5)
+
+
+class _AuxAndShared(nn.Module):
+    """An auxiliary head that eval mode never calls, and an activation used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.act = nn.ReLU()
+        self.aux = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.act(self.b(self.act(self.a(x))))
+        if self.training:
+            return self.out(h), self.aux(h)
+        return self.out(h)
+
+
+def test_modules_called_twice_or_never_are_reported():
+    report = fxfuse.inspect(_AuxAndShared(), (torch.randn(2, 4),))
+    assert report.analysis.reused_modules == ["act"]
+    assert report.analysis.unused_modules == ["aux"]
