@@ -533,13 +533,15 @@ def format_report(report) -> str:
     if report.leaves:
         lines.append(f"kept as leaves: {', '.join(report.leaves)}")
     chosen = {c.node for c in report.chosen}
-    header = ("", "idx", "node", "module path", "rank", "shape", "FLOPs %", "params")
+    header = ("", "idx", "node", "module path", "closes", "rank", "shape")
+    header += ("FLOPs %", "params")
     rows = [
         (
             "*" if c.node in chosen else "",
             str(c.index),
             c.node,
             c.module_path or "<root>",
+            c.closes or "-",
             str(c.rank) if c.rank is not None else "-",
             _shape(c.shape),
             f"{100 * c.flops_fraction:.1f}",
