@@ -8,6 +8,7 @@ points), `plan` (which cuts), `split` (stages), `report` (`inspect`), `generate`
 from ._version import __version__
 from .analyse import Analysis, CutPoint, analyse
 from .artifact import load, save
+from .draw import draw
 from .errors import FxfuseError
 from .export import ExportReport, ParityCheck, export_onnx, export_pt2
 from .generate import FusionInfo, fuse, unfreeze
@@ -25,6 +26,7 @@ __all__ = [
     "Traced",
     "__version__",
     "analyse",
+    "draw",
     "export_onnx",
     "export_pt2",
     "fuse",

@@ -248,6 +248,8 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):  # torch.export's placeholder label
+        return ""
     return _clean_path(path)
 
 

@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from .analyse import module_path
 from .errors import FxfuseError, InputError
-from .split import _ancestors_of_output, _stage_of
+from .split import needed_nodes, stage_of
 
 if TYPE_CHECKING:
     from .report import Report
@@ -146,12 +146,12 @@ def to_graphviz(report: Report, max_boxes: int = MAX_BOXES) -> graphviz.Digraph:
     by_name = {n.name: n for n in nodes}
     chosen = {by_name[c.node] for c in report.chosen}
     cuts = {by_name[c.node] for c in report.cut_points}
-    stage_of = _stage_of(nodes, chosen)
-    needed = _ancestors_of_output(nodes)
+    stage_index = stage_of(nodes, chosen)
+    needed = needed_nodes(nodes)
 
-    drawn = [n for n in nodes if _is_drawn(n, stage_of)]
-    group_of, cost = _grouping(drawn, stage_of, chosen, max_boxes)
-    boxes, box_of = _boxes(report, drawn, stage_of, needed, chosen, cuts, group_of)
+    drawn = [n for n in nodes if _is_drawn(n, stage_index)]
+    group_of, cost = _grouping(drawn, stage_index, chosen, max_boxes)
+    boxes, box_of = _boxes(report, drawn, stage_index, needed, chosen, cuts, group_of)
 
     picture = graphviz.Digraph(report.name)
     computing = sum(1 for n in drawn if n.op not in ("placeholder", "output"))
@@ -165,7 +165,7 @@ def to_graphviz(report: Report, max_boxes: int = MAX_BOXES) -> graphviz.Digraph:
     picture.attr("node", fontsize="10")
     picture.attr("edge", arrowsize="0.6")
 
-    stage_flops = _stage_flops(report, nodes, stage_of)
+    stage_flops = _stage_flops(report, nodes, stage_index)
     total = report.analysis.total_flops
     for k in range(len(report.chosen) + 1):
         members = [b for b in boxes if b.stage == k and b.kind in ("op", "group")]

@@ -36,19 +36,19 @@ def split(gm: fx.GraphModule, cuts: Sequence[str]) -> list[fx.GraphModule]:
     nodes = list(gm.graph.nodes)
     by_name = {n.name: n for n in nodes}
     cut_nodes = [by_name[c] for c in cuts]
-    stage_of = _stage_of(nodes, set(cut_nodes))
-    needed = _ancestors_of_output(nodes)
+    stage_index = stage_of(nodes, set(cut_nodes))
+    needed = needed_nodes(nodes)
 
     stages = []
     for k in range(len(cut_nodes) + 1):
         members = [
             n
             for n in nodes
-            if n in needed and stage_of.get(n) == k and n.op not in ("output",)
+            if n in needed and stage_index.get(n) == k and n.op not in ("output",)
         ]
         entry = cut_nodes[k - 1] if k > 0 else None
         exit_ = cut_nodes[k] if k < len(cut_nodes) else None
-        graph = _stage_graph(gm, nodes, members, entry, exit_, stage_of)
+        graph = _stage_graph(gm, nodes, members, entry, exit_, stage_index)
         stage = fx.GraphModule(gm, graph, f"Stage{k}")
         stages.append(stage)
     return stages
@@ -97,7 +97,7 @@ def check_parity(
     return diff
 
 
-def _stage_of(nodes: list[fx.Node], cuts: set[fx.Node]) -> dict[fx.Node, int]:
+def stage_of(nodes: list[fx.Node], cuts: set[fx.Node]) -> dict[fx.Node, int]:
     """Stage of each input-dependent node: the number of cuts strictly before it.
 
     Nodes that depend on no input get no stage: they are copied where used.
@@ -113,7 +113,7 @@ def _stage_of(nodes: list[fx.Node], cuts: set[fx.Node]) -> dict[fx.Node, int]:
     return stage
 
 
-def _ancestors_of_output(nodes: list[fx.Node]) -> set[fx.Node]:
+def needed_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
     output = next(n for n in reversed(nodes) if n.op == "output")
     seen = {output}
     todo = [output]

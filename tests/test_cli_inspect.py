@@ -7,9 +7,9 @@ import sys
 import torch
 from torch import nn
 
-DYNAMIC = torch.export.Dim.AUTO
-
 from fxfuse.cli import main
+
+DYNAMIC = torch.export.Dim.AUTO
 
 
 class Small(nn.Module):

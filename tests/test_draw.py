@@ -30,7 +30,7 @@ def _nodes_filled_with(dot_text: str, colour: str) -> set[str]:
 
 
 def _stage_labels(dot_text: str) -> list[tuple[int, float]]:
-    found = re.findall(r"stage \d+: (\d+) nodes, ([\d.]+)% FLOPs", dot_text)
+    found = re.findall(r"stage \d+: (\d+) nodes?, ([\d.]+)% FLOPs", dot_text)
     return [(int(n), float(share)) for n, share in found]
 
 
@@ -146,3 +146,69 @@ def test_constants_are_folded_into_the_nodes_that_read_them(tmp_path):
     assert "scale [" not in text and "exp [" not in text
     assert re.search(r'mul \[label=.*tooltip="[^"]*reads: exp \(from scale\)', text)
     assert "-> mul" in text and "scale ->" not in text
+
+
+class _Dense(nn.Module):
+    """Every layer reads the concatenation of all earlier outputs, as in DenseNet."""
+
+    def __init__(self, layers: int = 40, width: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Linear(width * (i + 1), width) for i in range(layers)
+        )
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(torch.relu(layer(torch.cat(features, 1))))
+        return features[-1]
+
+
+def test_many_long_edges_collapse_the_graph_even_under_the_box_limit():
+    report = fxfuse.inspect(_Dense().eval(), (torch.randn(2, 2),), levels=1)
+    nodes = len(report.analysis.graph_module.graph.nodes)
+
+    text = to_graphviz(report).source
+
+    boxes = re.findall(r"^\t+(\S+) \[label=", text, re.MULTILINE)
+    assert nodes < 1500
+    assert "collapsed by module" in text
+    assert '"stage0/layers"' in boxes and len(boxes) < nodes
+
+
+class _Chain(nn.Module):
+    """Residual blocks ``x + relu(fc(x))``, ten to a group: three nodes a block."""
+
+    def __init__(self, blocks: int):
+        super().__init__()
+        self.groups = nn.Sequential(
+            *(
+                nn.Sequential(*(_Residual() for _ in range(10)))
+                for _ in range(blocks // 10)
+            )
+        )
+
+    def forward(self, x):
+        return self.groups(x)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x))
+
+
+@pytest.mark.slow
+@needs_dot
+def test_a_graph_of_thousands_of_nodes_renders_collapsed(tmp_path):
+    report = fxfuse.inspect(_Chain(700).eval(), (torch.randn(2, 2),))
+    assert len(report.analysis.graph_module.graph.nodes) > 2000
+
+    written = draw(report, tmp_path / "chain.svg")
+
+    text = written.read_text()
+    assert "collapsed by module" in text
+    assert text.count('class="node"') <= 1500

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-DYNAMIC = torch.export.Dim.AUTO
-
 from fxfuse.errors import InputError, LoadError
 from fxfuse.load import load_model, parse_example_inputs
+
+DYNAMIC = torch.export.Dim.AUTO
 
 
 class Tiny(nn.Module):
