@@ -40,14 +40,17 @@ from examples.census.models import TabularMLP  # noqa: E402
 CENSUS = ROOT.parent / "shared" / "data" / "census-income-kdd"
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _alternating_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of two calls timed in turn, so that a change in the machine's
+    load during the run affects both alike."""
+    first(), second()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _flops(fn) -> int:
@@ -76,8 +79,7 @@ def measure(name: str, tasks: dict, inputs: tuple, batch_inputs: tuple, repeats:
                 model(*batch_inputs)
 
     fused_flops, member_flops = _flops(fused_call), _flops(members_call)
-    fused_s = _median_seconds(fused_call, repeats)
-    members_s = _median_seconds(members_call, repeats)
+    fused_s, members_s = _alternating_medians(fused_call, members_call, repeats)
     fusion_params = sum(
         p.numel()
         for n, p in fused.named_parameters()
