@@ -32,7 +32,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,9 @@ def build_multi_task(name: str, seed: int, data: Dataset) -> nn.Module:
 
 
 def count(model: nn.Module, trainable: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+    return sum(
+        p.numel() for p in model.parameters() if p.requires_grad or not trainable
+    )
 
 
 def example_inputs(data: Dataset) -> tuple:
@@ -231,19 +233,32 @@ def rows_per_second(model: nn.Module, data: Dataset, repeats: int = 3) -> float:
 # ---------------------------------------------------------------------- the jobs
 
 _DATA: Dataset | None = None
+_MEASURE_SPEED = False  # measure throughput inside the job (only when it runs alone)
 
 
-def _init_worker(data_root: str, quick: bool, threads: int) -> None:
-    global _DATA
+def _init_worker(
+    data_root: str, quick: bool, threads: int, measure: bool = False
+) -> None:
+    global _DATA, _MEASURE_SPEED
     torch.set_num_threads(threads)
     logging.getLogger("fxfuse").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     _DATA = load_data(data_root, quick)
+    _MEASURE_SPEED = measure
 
 
 def load_data(data_root: str, quick: bool) -> Dataset:
     data = census_income(data_root)
-    return data.subset(4000, 2000, seed=0) if quick else data
+    return data.subset(6000, 3000, seed=0) if quick else data
+
+
+class _Inline(futures.Executor):
+    """Runs each job at once, in this process (``--jobs 1``)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+        future: futures.Future = futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -264,7 +279,9 @@ def train_member(kind: str, task: str, seed: int, budget: Budget) -> dict:
         output_kinds=PROBABILITIES,
     )
     test = evaluate(wrapped, data.test, {task: "binary"}, PROBABILITIES)
+    speed = rows_per_second(wrapped, data) if _MEASURE_SPEED else None
     return {
+        "speed": speed,
         "kind": kind,
         "task": task,
         "seed": seed,
@@ -290,7 +307,9 @@ def train_multi_task(name: str, seed: int, budget: Budget) -> dict:
         output_kinds=PROBABILITIES,
     )
     test = evaluate(model, data.test, data.tasks, PROBABILITIES)
+    speed = rows_per_second(model, data) if _MEASURE_SPEED else None
     return {
+        "speed": speed,
         "name": name,
         "seed": seed,
         "test": test,
@@ -317,7 +336,9 @@ def load_members(
     return members
 
 
-def train_fused(name: str, fusion: Fusion, seed: int, states: dict, budget: Budget) -> dict:
+def train_fused(
+    name: str, fusion: Fusion, seed: int, states: dict, budget: Budget
+) -> dict:
     """Fuse the seed's trained members, train the fusion, and score both the fused
     model and the plain average of the same members on the test rows."""
     data = _DATA
@@ -327,9 +348,15 @@ def train_fused(name: str, fusion: Fusion, seed: int, states: dict, budget: Budg
     average_val = evaluate(average, data.val, data.tasks, PROBABILITIES)
 
     fused = build_fused(fusion, members, data)
-    result = fit(fused, data.train, data.val, data.tasks, fusion_config(fusion, budget, seed))
+    result = fit(
+        fused, data.train, data.val, data.tasks, fusion_config(fusion, budget, seed)
+    )
     test = evaluate(fused, data.test, data.tasks)
+    speed = rows_per_second(fused, data) if _MEASURE_SPEED else None
+    average_speed = rows_per_second(average, data) if _MEASURE_SPEED else None
     return {
+        "speed": speed,
+        "average_speed": average_speed,
         "name": name,
         "seed": seed,
         "fusion": fusion.describe(),
@@ -365,11 +392,19 @@ def run(
 ) -> dict:
     """Train everything for every seed and return the results (JSON-ready)."""
     started = time.perf_counter()
-    kinds = sorted({k for f in fusions.values() for k in f.members}, key=list(MEMBERS).index)
-    context = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(data_root, quick, threads)
+    kinds = sorted(
+        {k for f in fusions.values() for k in f.members}, key=list(MEMBERS).index
     )
+    if jobs == 1:
+        _init_worker(data_root, quick, threads, measure=True)
+        pool = _Inline()
+    else:
+        pool = futures.ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(data_root, quick, threads),
+        )
     with pool:
         # Fused models are the longest jobs and wait for their members; start the
         # members first, then the multi-task baselines, so no worker sits idle.
@@ -405,12 +440,36 @@ def run(
             _log(f"seed {fused[-1]['seed']} {fused[-1]['name']}: {fused[-1]['test']}")
     train_wall = time.perf_counter() - started
 
-    # Throughput in this process, alone, on the first seed's models.
-    torch.set_num_threads(threads)
-    data = load_data(data_root, quick)
-    speed = _throughput(data, seeds[0], members[seeds[0]], multi, fused, fusions)
-    return _results(members, multi, fused, fusions, speed, budget, seeds, quick, jobs,
-                    threads, train_wall, time.perf_counter() - started)
+    if jobs == 1:  # measured by the jobs, each alone
+        speed = _measured(seeds[0], members[seeds[0]], multi, fused)
+    else:  # measured here, alone, on the first seed's models
+        torch.set_num_threads(threads)
+        data = load_data(data_root, quick)
+        speed = _throughput(data, seeds[0], members[seeds[0]], multi, fused, fusions)
+    return _results(
+        members,
+        multi,
+        fused,
+        fusions,
+        speed,
+        budget,
+        seeds,
+        quick,
+        jobs,
+        threads,
+        train_wall,
+        time.perf_counter() - started,
+    )
+
+
+def _measured(seed, members, multi, fused) -> dict[str, float]:
+    speed = {f"{kind}/{task}": m["speed"] for (kind, task), m in members.items()}
+    speed.update({m["name"]: m["speed"] for m in multi if m["seed"] == seed})
+    for f in fused:
+        if f["seed"] == seed:
+            speed[f["name"]] = f["speed"]
+            speed[f"average of {f['name']}"] = f["average_speed"]
+    return speed
 
 
 def _throughput(data, seed, members, multi, fused, fusions) -> dict[str, float]:
@@ -418,7 +477,9 @@ def _throughput(data, seed, members, multi, fused, fusions) -> dict[str, float]:
     for (kind, task), m in members.items():
         model = build_member(kind, task, seed, data)
         model.load_state_dict(m["state"])
-        speed[f"{kind}/{task}"] = rows_per_second(baselines.SingleTask(task, model), data)
+        speed[f"{kind}/{task}"] = rows_per_second(
+            baselines.SingleTask(task, model), data
+        )
     for m in multi:
         if m["seed"] == seed:
             model = baselines.MultiTask(TASKS, build_multi_task(m["name"], seed, data))
@@ -430,7 +491,9 @@ def _throughput(data, seed, members, multi, fused, fusions) -> dict[str, float]:
             continue
         fusion = fusions[f["name"]]
         task_members = load_members(fusion.members, seed, states, data)
-        average = baselines.Average({t: list(m.values()) for t, m in task_members.items()})
+        average = baselines.Average(
+            {t: list(m.values()) for t, m in task_members.items()}
+        )
         speed[f"average of {f['name']}"] = rows_per_second(average, data)
         model = build_fused(fusion, task_members, data)
         model.load_state_dict(f["state"])
@@ -453,21 +516,35 @@ MEMBER_LABELS = {
 MULTI_LABELS = {"sharedbottom": "Shared-Bottom", "mmoe": "MMoE", "ple": "PLE"}
 
 
-def _results(members, multi, fused, fusions, speed, budget, seeds, quick, jobs,
-             threads, train_wall, wall) -> dict:
+def _results(
+    members,
+    multi,
+    fused,
+    fusions,
+    speed,
+    budget,
+    seeds,
+    quick,
+    jobs,
+    threads,
+    train_wall,
+    wall,
+) -> dict:
     rows = []
 
     def row(name, kind, per_seed, seconds, trainable, total, rps, extra=None):
-        rows.append({
-            "name": name,
-            "kind": kind,
-            "seeds": per_seed,
-            "train_seconds": seconds,
-            "trainable_params": trainable,
-            "total_params": total,
-            "rows_per_second": rps,
-            **(extra or {}),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "seeds": per_seed,
+                "train_seconds": seconds,
+                "trainable_params": trainable,
+                "total_params": total,
+                "rows_per_second": rps,
+                **(extra or {}),
+            }
+        )
 
     first = seeds[0]
     kinds = sorted({k for (k, _) in members[first]}, key=list(MEMBERS).index)
@@ -484,44 +561,87 @@ def _results(members, multi, fused, fusions, speed, budget, seeds, quick, jobs,
             }
             seconds = [members[s][(kind, task)]["seconds"] for s in seeds]
             params = members[first][(kind, task)]["params"]
-            row(f"{MEMBER_LABELS[kind]} ({task})", "single-task", per_seed, seconds,
-                params, params, speed.get(f"{kind}/{task}"))
+            row(
+                f"{MEMBER_LABELS[kind]} ({task})",
+                "single-task",
+                per_seed,
+                seconds,
+                params,
+                params,
+                speed.get(f"{kind}/{task}"),
+            )
     for name in MULTI_TASK:
         ms = sorted((m for m in multi if m["name"] == name), key=lambda m: m["seed"])
-        row(MULTI_LABELS[name], "multi-task", {
-            str(m["seed"]): {k: m[k] for k in ("test", "val", "best_epoch", "epochs")}
-            for m in ms
-        }, [m["seconds"] for m in ms], ms[0]["params"], ms[0]["params"], speed.get(name))
+        row(
+            MULTI_LABELS[name],
+            "multi-task",
+            {
+                str(m["seed"]): {
+                    k: m[k] for k in ("test", "val", "best_epoch", "epochs")
+                }
+                for m in ms
+            },
+            [m["seconds"] for m in ms],
+            ms[0]["params"],
+            ms[0]["params"],
+            speed.get(name),
+        )
     for name, fusion in fusions.items():
         fs = sorted((f for f in fused if f["name"] == name), key=lambda f: f["seed"])
         member_seconds = [
-            sum(members[f["seed"]][(k, t)]["seconds"] for k in fusion.members for t in TASKS)
+            sum(
+                members[f["seed"]][(k, t)]["seconds"]
+                for k in fusion.members
+                for t in TASKS
+            )
             for f in fs
         ]
-        member_params = sum(members[first][(k, t)]["params"] for k in fusion.members for t in TASKS)
-        row(f"average of {name.removeprefix('fxfuse ')}", "average", {
-            str(f["seed"]): {"test": f["average_test"], "val": f["average_val"]} for f in fs
-        }, member_seconds, 0, member_params, speed.get(f"average of {name}"))
-        row(name, "fused", {
-            str(f["seed"]): {
-                "test": f["test"],
-                "val": f["val"],
-                "initial_val": f["initial_val"],
-                "best_epoch": f["best_epoch"],
-                "epochs": f["epochs"],
-                "history": f["history"],
-                "difference": {
-                    t: f["test"][t] - f["average_test"][t] for t in TASKS
-                } | {"mean": _mean(f["test"]) - _mean(f["average_test"])},
-            }
-            for f in fs
-        }, [f["seconds"] for f in fs], fs[0]["trainable"], fs[0]["params"], speed.get(name),
-            {"fusion": fusion.describe(), "member_train_seconds": member_seconds})
+        member_params = sum(
+            members[first][(k, t)]["params"] for k in fusion.members for t in TASKS
+        )
+        row(
+            f"average of {name.removeprefix('fxfuse ')}",
+            "average",
+            {
+                str(f["seed"]): {"test": f["average_test"], "val": f["average_val"]}
+                for f in fs
+            },
+            member_seconds,
+            0,
+            member_params,
+            speed.get(f"average of {name}"),
+        )
+        row(
+            name,
+            "fused",
+            {
+                str(f["seed"]): {
+                    "test": f["test"],
+                    "val": f["val"],
+                    "initial_val": f["initial_val"],
+                    "best_epoch": f["best_epoch"],
+                    "epochs": f["epochs"],
+                    "history": f["history"],
+                    "difference": {
+                        t: f["test"][t] - f["average_test"][t] for t in TASKS
+                    }
+                    | {"mean": _mean(f["test"]) - _mean(f["average_test"])},
+                }
+                for f in fs
+            },
+            [f["seconds"] for f in fs],
+            fs[0]["trainable"],
+            fs[0]["params"],
+            speed.get(name),
+            {"fusion": fusion.describe(), "member_train_seconds": member_seconds},
+        )
     for r in rows:
         r["summary"] = _summary(r["seeds"])
     return {
         "protocol": {
-            "data": "Census-Income (KDD), full" if not quick else "Census-Income, 4000/2000 rows",
+            "data": "Census-Income (KDD), full"
+            if not quick
+            else "Census-Income, 6000/3000/3000 rows (quick)",
             "seeds": list(seeds),
             "budget": asdict(budget),
             "optimizer": "Adam (AdamW, weight decay 0) for models; fusion as listed",
@@ -557,17 +677,18 @@ def _summary(per_seed: Mapping[str, dict]) -> dict:
         summary["mean"] = _stats([_mean(s["test"]) for s in seeds])
     if "difference" in seeds[0]:
         summary["difference"] = {
-            k: _stats([s["difference"][k] for s in seeds]) for k in seeds[0]["difference"]
+            k: _stats([s["difference"][k] for s in seeds])
+            for k in seeds[0]["difference"]
         }
     return summary
 
 
-def _cell(stats: dict | None, digits: int = 4) -> str:
+def _cell(stats: dict | None, digits: int = 4, sign: str = "") -> str:
     if stats is None:
         return ""
     if len(stats["values"]) == 1:
-        return f"{stats['mean']:.{digits}f}"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+        return f"{stats['mean']:{sign}.{digits}f}"
+    return f"{stats['mean']:{sign}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def markdown(results: dict) -> str:
@@ -622,8 +743,8 @@ def markdown(results: dict) -> str:
             )
         d = r["summary"]["difference"]
         lines.append(
-            f"| {r['name']} | mean ± std | {_cell(d['income'])} | "
-            f"{_cell(d['never_married'])} | {_cell(d['mean'])} |"
+            f"| {r['name']} | mean ± std | {_cell(d['income'], sign='+')} | "
+            f"{_cell(d['never_married'], sign='+')} | {_cell(d['mean'], sign='+')} |"
         )
     lines += [
         "",
@@ -650,18 +771,26 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(DEFAULT_DATA))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "census"),
-                        help="output path without suffix: OUT.json and OUT.md")
-    parser.add_argument("--quick", action="store_true",
-                        help="4000 training rows, 1 epoch, seed 0: a smoke test")
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "bench" / "census"),
+        help="output path without suffix: OUT.json and OUT.md",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="6000 training rows, 1 epoch of batch 128 at lr 5e-3, seed 0: a smoke test",
+    )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     args = parser.parse_args(argv)
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    budget = Budget(epochs=1) if args.quick else Budget()
-    results = run(args.data_root, seeds, budget, FUSIONS, args.quick, args.jobs, args.threads)
+    budget = Budget(epochs=1, batch_size=128, lr=5e-3) if args.quick else Budget()
+    results = run(
+        args.data_root, seeds, budget, FUSIONS, args.quick, args.jobs, args.threads
+    )
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps(results, indent=1))
     write_atomic(out.with_suffix(".md"), markdown(results))

@@ -28,7 +28,9 @@ CROSS_LAYERS = 3
 
 def dcn(sparse: dict[str, int], dense: Sequence[str]) -> nn.Module:
     """Deep & Cross Network: 3 cross layers beside an MLP of [16, 8]."""
-    sparse_features, dense_features = census_rechub_features(sparse, list(dense), EMBED_DIM)
+    sparse_features, dense_features = census_rechub_features(
+        sparse, list(dense), EMBED_DIM
+    )
     return DCN(
         sparse_features + dense_features,
         n_cross_layers=CROSS_LAYERS,
@@ -38,7 +40,9 @@ def dcn(sparse: dict[str, int], dense: Sequence[str]) -> nn.Module:
 
 def deepfm(sparse: dict[str, int], dense: Sequence[str]) -> nn.Module:
     """DeepFM: first- and second-order terms of the sparse features plus an MLP."""
-    sparse_features, dense_features = census_rechub_features(sparse, list(dense), EMBED_DIM)
+    sparse_features, dense_features = census_rechub_features(
+        sparse, list(dense), EMBED_DIM
+    )
     return DeepFM(
         deep_features=sparse_features + dense_features,
         fm_features=sparse_features,
@@ -52,7 +56,9 @@ def multi_task(name: str, sparse: dict[str, int], dense: Sequence[str]) -> nn.Mo
     Returns:
         The model; its output is ``[B, 2]`` probabilities (income, never married).
     """
-    sparse_features, dense_features = census_rechub_features(sparse, list(dense), EMBED_DIM)
+    sparse_features, dense_features = census_rechub_features(
+        sparse, list(dense), EMBED_DIM
+    )
     features = sparse_features + dense_features
     task_types = ["classification", "classification"]
     towers = [{"dims": [8]}, {"dims": [8]}]
@@ -78,7 +84,9 @@ def multi_task(name: str, sparse: dict[str, int], dense: Sequence[str]) -> nn.Mo
             expert_params={"dims": [16]},
             tower_params_list=towers,
         )
-    raise ValueError(f"unknown multi-task model {name!r}; use sharedbottom, mmoe or ple")
+    raise ValueError(
+        f"unknown multi-task model {name!r}; use sharedbottom, mmoe or ple"
+    )
 
 
 class SingleTask(nn.Module):

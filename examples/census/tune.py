@@ -55,8 +55,15 @@ def train_members(args) -> None:
             result = job.result()
             CACHE.mkdir(parents=True, exist_ok=True)
             torch.save(result, CACHE / f"{seed}-{kind}-{task}.pt")
-            print(seed, kind, task, result["test"], result["best_epoch"],
-                  f"{result['seconds']:.0f}s", flush=True)
+            print(
+                seed,
+                kind,
+                task,
+                result["test"],
+                result["best_epoch"],
+                f"{result['seconds']:.0f}s",
+                flush=True,
+            )
 
 
 def _fuse_job(name: str, fusion: bench.Fusion, seed: int, epochs: int) -> dict:
@@ -97,7 +104,10 @@ def fuse(args) -> None:
         initializer=bench._init_worker,
         initargs=(args.data_root, False, 1),
     ) as pool:
-        jobs = [pool.submit(_fuse_job, args.name, fusion, s, args.epochs) for s in args.seeds]
+        jobs = [
+            pool.submit(_fuse_job, args.name, fusion, s, args.epochs)
+            for s in args.seeds
+        ]
         for job in futures.as_completed(jobs):
             r = job.result()
             line = {
@@ -109,7 +119,9 @@ def fuse(args) -> None:
                 "test": r["test"],
                 "average_val": r["average_val"],
                 "average_test": r["average_test"],
-                "diff_test": {t: r["test"][t] - r["average_test"][t] for t in bench.TASKS},
+                "diff_test": {
+                    t: r["test"][t] - r["average_test"][t] for t in bench.TASKS
+                },
                 "diff_val": {t: r["val"][t] - r["average_val"][t] for t in bench.TASKS},
                 "best_epoch": r["best_epoch"],
                 "history": r["history"],
@@ -129,6 +141,32 @@ def fuse(args) -> None:
                 f"{r['best_epoch']} {r['seconds']:.0f}s",
                 flush=True,
             )
+
+
+def report(args) -> None:
+    """A markdown table of every logged run: paired test (and validation) differences
+    from the plain average, per seed, and their mean."""
+    runs: dict[str, list[dict]] = {}
+    for line in LOG.read_text().splitlines():
+        r = json.loads(line)
+        runs.setdefault(r["name"], []).append(r)
+    print("| setting | members | seeds | test Δ income per seed | test Δ mean per seed "
+          "| mean test Δ income / mean | val Δ income per seed | best epochs | s/run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        members = "hetero" if "dcn" in rs[0]["fusion"]["members"] else "4 MLPs"
+        di = [r["diff_test"]["income"] for r in rs]
+        dm = [r["diff_test"]["mean"] for r in rs]
+        vi = [r["diff_val"]["income"] for r in rs]
+        print(
+            f"| {name} | {members} | {','.join(str(r['seed']) for r in rs)} "
+            f"| {' '.join(f'{x:+.4f}' for x in di)} | {' '.join(f'{x:+.4f}' for x in dm)} "
+            f"| {sum(di) / len(di):+.4f} / {sum(dm) / len(dm):+.4f} "
+            f"| {' '.join(f'{x:+.4f}' for x in vi)} "
+            f"| {','.join(str(r['best_epoch']) for r in rs)} "
+            f"| {sum(r['seconds'] for r in rs) / len(rs):.0f} |"
+        )
 
 
 def main() -> None:
@@ -153,8 +191,9 @@ def main() -> None:
     run.add_argument("--task-weights")
     run.add_argument("--unfreeze")
     run.add_argument("--epochs", type=int, default=10)
+    sub.add_parser("report")
     args = parser.parse_args()
-    {"members": train_members, "fuse": fuse}[args.command](args)
+    {"members": train_members, "fuse": fuse, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ class TaskModel(nn.Module):
 
     def __init__(self, model: nn.Module, task: str, channels_last: bool = False):
         super().__init__()
-        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.model = (
+            model.to(memory_format=torch.channels_last) if channels_last else model
+        )
         self.task = task
         self.channels_last = channels_last
 
