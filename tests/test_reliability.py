@@ -228,7 +228,13 @@ def test_a_graph_that_differs_between_train_and_eval_is_reported():
 
 def test_errors_from_limitations_point_to_their_entry():
     entries = (ROOT / "docs" / "limitations.md").read_text()
-    for anchor in ("tracing", "few-cut-points", "pickled-models", "static-archives"):
+    for anchor in (
+        "tracing",
+        "few-cut-points",
+        "pickled-models",
+        "static-archives",
+        "outputs",
+    ):
         assert f"## {anchor}" in entries
 
 
