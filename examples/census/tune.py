@@ -150,8 +150,10 @@ def report(args) -> None:
     for line in LOG.read_text().splitlines():
         r = json.loads(line)
         runs.setdefault(r["name"], []).append(r)
-    print("| setting | members | seeds | test Δ income per seed | test Δ mean per seed "
-          "| mean test Δ income / mean | val Δ income per seed | best epochs | s/run |")
+    print(
+        "| setting | members | seeds | test Δ income per seed | test Δ mean per seed "
+        "| mean test Δ income / mean | val Δ income per seed | best epochs | s/run |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         rs = sorted(rs, key=lambda r: r["seed"])
