@@ -340,14 +340,27 @@ def train_fused(
     name: str, fusion: Fusion, seed: int, states: dict, budget: Budget
 ) -> dict:
     """Fuse the seed's trained members, train the fusion, and score both the fused
-    model and the plain average of the same members on the test rows."""
+    model and the plain average of the same members on the test rows.
+
+    When the fusion unfreezes part of the members, the average it is compared with
+    gets the same extra training: each member alone trains the same parameters with
+    the same settings, and the average is taken over those fine-tuned members.
+    """
     data = _DATA
     members = load_members(fusion.members, seed, states, data)
-    average = baselines.Average({t: list(m.values()) for t, m in members.items()})
-    average_test = evaluate(average, data.test, data.tasks, PROBABILITIES)
-    average_val = evaluate(average, data.val, data.tasks, PROBABILITIES)
+    plain = baselines.Average({t: list(m.values()) for t, m in members.items()})
+    plain_test = evaluate(plain, data.test, data.tasks, PROBABILITIES)
+    plain_val = evaluate(plain, data.val, data.tasks, PROBABILITIES)
 
     fused = build_fused(fusion, members, data)
+    average, average_test, average_val = plain, plain_test, plain_val
+    finetune_seconds = 0.0
+    if fusion.unfreeze:
+        tuned, finetune_seconds = finetune_members(fused, fusion, seed, states, budget)
+        average = baselines.Average({t: list(m.values()) for t, m in tuned.items()})
+        average_test = evaluate(average, data.test, data.tasks, PROBABILITIES)
+        average_val = evaluate(average, data.val, data.tasks, PROBABILITIES)
+
     result = fit(
         fused, data.train, data.val, data.tasks, fusion_config(fusion, budget, seed)
     )
@@ -374,8 +387,46 @@ def train_fused(
         "trainable": count(fused, trainable=True),
         "average_test": average_test,
         "average_val": average_val,
+        "average_finetune_seconds": finetune_seconds,
+        "plain_average_test": plain_test,
+        "plain_average_val": plain_val,
         "state": _state(fused),
     }
+
+
+def finetune_members(
+    fused: nn.Module, fusion: Fusion, seed: int, states: dict, budget: Budget
+) -> tuple[dict[str, dict[str, nn.Module]], float]:
+    """Fresh copies of the members, each trained alone on exactly the parameters
+    that `fxfuse.unfreeze` made trainable in the fused model, with the fusion's
+    training settings, and in eval mode as the fused model's stages are. Returns the members per task and the seconds spent."""
+    data = _DATA
+    members = load_members(fusion.members, seed, states, data)
+    seconds = 0.0
+    for task, models in members.items():
+        for kind, model in models.items():
+            container = fused.get_submodule(f"{task}_{kind}")
+            # Stage parameters keep the model's names below "stageK.".
+            unfrozen = {
+                n.split(".", 1)[1]
+                for n, p in container.named_parameters()
+                if p.requires_grad
+            }
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in unfrozen)
+            if not unfrozen:
+                continue
+            result = fit(
+                baselines.SingleTask(task, model, keep_eval=True),
+                data.train,
+                data.val,
+                {task: "binary"},
+                fusion_config(fusion, budget, seed),
+                output_kinds=PROBABILITIES,
+            )
+            seconds += result.seconds
+            model.eval()
+    return members, seconds
 
 
 # -------------------------------------------------------------------- the bench

@@ -90,12 +90,23 @@ def multi_task(name: str, sparse: dict[str, int], dense: Sequence[str]) -> nn.Mo
 
 
 class SingleTask(nn.Module):
-    """A single-task model that answers ``{task: prediction}``."""
+    """A single-task model that answers ``{task: prediction}``.
 
-    def __init__(self, task: str, model: nn.Module):
+    With ``keep_eval``, the model stays in eval mode even while it trains (BatchNorm
+    uses its running statistics, dropout is off), as the stages of a fused model do.
+    """
+
+    def __init__(self, task: str, model: nn.Module, keep_eval: bool = False):
         super().__init__()
         self.task = task
         self.model = model
+        self.keep_eval = keep_eval
+
+    def train(self, mode: bool = True) -> SingleTask:
+        super().train(mode)
+        if self.keep_eval:
+            self.model.eval()
+        return self
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.task: self.model(features)}

@@ -119,6 +119,8 @@ def fuse(args) -> None:
                 "test": r["test"],
                 "average_val": r["average_val"],
                 "average_test": r["average_test"],
+                "plain_average_test": r["plain_average_test"],
+                "average_finetune_seconds": r["average_finetune_seconds"],
                 "diff_test": {
                     t: r["test"][t] - r["average_test"][t] for t in bench.TASKS
                 },
