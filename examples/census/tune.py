@@ -27,8 +27,10 @@ import torch  # noqa: E402
 
 from tools import bench_census as bench  # noqa: E402
 
-CACHE = Path("/tmp/fxfuse-census-members")
-LOG = Path("/tmp/fxfuse-census-tuning.jsonl")
+# Trained members and the log of tuning runs stay beside the other runs (not in git).
+RUNS = ROOT / "runs" / "census-tuning"
+CACHE = RUNS / "members"
+LOG = RUNS / "tuning.jsonl"
 
 
 def _members_job(seed: int, kind: str, task: str, budget: bench.Budget) -> dict:
@@ -71,7 +73,7 @@ def _fuse_job(name: str, fusion: bench.Fusion, seed: int, epochs: int) -> dict:
     for kind in fusion.members:
         for task in bench.TASKS:
             states[(kind, task)] = torch.load(
-                CACHE / f"{seed}-{kind}-{task}.pt", weights_only=False
+                CACHE / f"{seed}-{kind}-{task}.pt", weights_only=True
             )["state"]
     started = time.perf_counter()
     result = bench.train_fused(name, fusion, seed, states, bench.Budget(epochs=epochs))
@@ -96,6 +98,7 @@ def fuse(args) -> None:
         weight_decay=args.weight_decay,
         task_weights=json.loads(args.task_weights) if args.task_weights else None,
         unfreeze=args.unfreeze,
+        head_start=args.head_start,
     )
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(
@@ -194,6 +197,7 @@ def main() -> None:
     run.add_argument("--weight-decay", type=float, default=0.01)
     run.add_argument("--task-weights")
     run.add_argument("--unfreeze")
+    run.add_argument("--head-start", choices=("scores", "uniform"), default="scores")
     run.add_argument("--epochs", type=int, default=10)
     sub.add_parser("report")
     args = parser.parse_args()
