@@ -525,7 +525,7 @@ def _input_error(model, example_inputs, error, shapes, name) -> InputError:
     from .trace import _locate
 
     name = name or type(model).__name__
-    given = _given(example_inputs)
+    given = describe_inputs(example_inputs)
     if isinstance(error, KeyError):
         return InputError(
             f"{name} reads input {error}, which the example inputs do not have "
@@ -534,6 +534,14 @@ def _input_error(model, example_inputs, error, shapes, name) -> InputError:
     failure = _locate(error, {id(m): p for p, m in model.named_modules()})
     path = failure.module_path
     failing = _failing_module(model, error, shapes)
+    recorded = _recorded_inputs(model)
+    if recorded and (failing or "").startswith("_guards"):
+        # A torch.export program checks its inputs in a guard module of its own;
+        # the shapes it was exported for say more than that module's name.
+        return InputError(
+            f"example inputs ({given}) do not fit {name}, which takes {recorded} "
+            f"(N: any batch size): {_first_line(error)}"
+        )
     where = f" in module '{failing}' (given {shapes[failing]})" if failing else ""
     if not failing and path is not None:
         where = f" in module '{path or '<root>'}'"
@@ -544,13 +552,29 @@ def _input_error(model, example_inputs, error, shapes, name) -> InputError:
     )
 
 
-def _given(example_inputs: tuple) -> str:
+def describe_inputs(example_inputs: tuple) -> str:
+    """Inputs as text: ``input 0 2x3x32x32`` per positional tensor, ``key 2`` per
+    dict entry, separated by semicolons."""
     parts = []
     for i, value in enumerate(example_inputs):
         if isinstance(value, dict):
             parts.extend(f"{k} {_describe(v)}" for k, v in value.items())
         else:
             parts.append(f"input {i} {_describe(value)}")
+    return "; ".join(parts)
+
+
+def _recorded_inputs(model) -> str:
+    """The input shapes a graph records for its placeholders (``x Nx1x36x36``),
+    or "" when it records none. Symbolic sizes are shown as N."""
+    if not isinstance(model, fx.GraphModule):
+        return ""
+    parts = []
+    for node in model.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            sizes = [str(d) if isinstance(d, int) else "N" for d in value.shape]
+            parts.append(f"{node.name} {'x'.join(sizes) or 'scalar'}")
     return "; ".join(parts)
 
 

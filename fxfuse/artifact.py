@@ -26,9 +26,9 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .errors import ArtifactError
+from .errors import ArtifactError, LoadError
 from .generate import FusionInfo, build, stages_of, unfreeze
-from .trace import quiet_torch_logs
+from .load import read_archive
 
 FORMAT = "fxfuse-artifact"
 FORMAT_VERSION = 1
@@ -61,9 +61,7 @@ def save(
     info: FusionInfo = fused.fusion_info
     inputs = tuple(example_inputs or fused.example_inputs)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)
+    staging = _staging_folder(target)
     try:
         stage_files = _save_stages(fused, info, inputs, staging)
         save_file(_fusion_state(fused), staging / "fusion.safetensors")
@@ -88,23 +86,55 @@ def save(
 def save_weights(
     fused: fx.GraphModule, directory: str | os.PathLike, record: dict | None = None
 ) -> None:
-    """Replace the trained part of an artifact in place (after `fit`).
+    """Replace the trained part of an artifact (after `fit`), all at once.
 
-    Each file is written beside its old self and renamed over it, so an interrupted
-    call leaves whole files only.
+    A copy of the folder is made beside it with hard links (no stage is copied),
+    the new weights and manifest are written into the copy, and the copy is swapped
+    in with one atomic rename, so weights and manifest always belong together.
     """
     root = Path(directory)
     manifest = read_manifest(root)
-    weights = root / "fusion.safetensors"
-    temporary = weights.with_name(".fusion.safetensors.tmp")
-    save_file(_fusion_state(fused), temporary)
-    os.replace(temporary, weights)
     if record is not None:
         manifest["training"] = record
     manifest["unfrozen"] = getattr(fused, "unfrozen", None)
-    text = root / ".manifest.json.tmp"
-    text.write_text(json.dumps(manifest, indent=2))
-    os.replace(text, root / MANIFEST)
+
+    staging = _staging_folder(root)
+    try:
+        shutil.rmtree(staging)
+        shutil.copytree(root, staging, copy_function=_link_or_copy)
+        weights = staging / "fusion.safetensors"
+        weights.unlink(missing_ok=True)  # a link to the old file: never write into it
+        save_file(_fusion_state(fused), weights)
+        (staging / MANIFEST).unlink()
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(staging, root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+# Folders being written sit beside the target under this infix until they are
+# swapped in; one left by a killed process is removed by the next save.
+_PARTIAL = ".fxfuse-partial-"
+
+
+def _staging_folder(target: Path) -> Path:
+    """A new empty folder beside `target`, after removing any left by a killed save."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}{_PARTIAL}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}{_PARTIAL}", dir=target.parent)
+    )
+    staging.chmod(0o755)
+    return staging
 
 
 def load(directory: str | os.PathLike) -> fx.GraphModule:
@@ -115,13 +145,20 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
     """
     root = Path(directory)
     manifest = read_manifest(root)
-    info = FusionInfo.from_json(manifest["fusion"])
-    stages = {}
-    for model in info.models:
-        files = manifest["stages"].get(model.name, [])
-        stages[model.name] = [_load_program(root / f) for f in files]
+    try:
+        info = FusionInfo.from_json(manifest["fusion"])
+        stage_files = {m.name: list(manifest["stages"][m.name]) for m in info.models}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ArtifactError(
+            f"{root / MANIFEST} lacks or garbles an entry ({type(error).__name__}: "
+            f"{error}); the artifact is damaged, fuse again"
+        ) from None
+    stages = {
+        name: [_load_program(root / f) for f in files]
+        for name, files in stage_files.items()
+    }
     fused = build(info, stages)
-    state = load_file(str(root / "fusion.safetensors"))
+    state = _read_file(root / "fusion.safetensors", lambda p: load_file(str(p)))
     missing, unexpected = fused.load_state_dict(state, strict=False)
     missing = [k for k in missing if _is_fusion_key(k)]
     if missing or unexpected:
@@ -132,11 +169,25 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
         )
     if manifest.get("unfrozen"):
         unfreeze(fused, manifest["unfrozen"])
-    inputs = torch.load(
-        root / "example_inputs.pt", map_location="cpu", weights_only=True
+    inputs = _read_file(
+        root / "example_inputs.pt",
+        lambda p: torch.load(p, map_location="cpu", weights_only=True),
     )
     fused.keep("example_inputs", inputs)
     return fused
+
+
+def _read_file(path: Path, read):
+    """`read(path)`, with a missing or unreadable file reported as damage."""
+    if not path.is_file():
+        raise ArtifactError(f"'{path}' is missing; the artifact is damaged, fuse again")
+    try:
+        return read(path)
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ArtifactError(
+            f"cannot read '{path}' ({first[:150]}); the artifact is damaged, fuse again"
+        ) from None
 
 
 def read_manifest(root: Path) -> dict:
@@ -206,9 +257,8 @@ def _load_program(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise ArtifactError(f"stage file '{path}' is missing; the artifact is damaged")
     try:
-        with quiet_torch_logs():
-            return torch.export.load(str(path)).module()
-    except Exception as error:
+        return read_archive(path).module()
+    except LoadError as error:
         raise ArtifactError(
             f"cannot read stage '{path}' ({str(error).splitlines()[0][:150]}); the "
             "artifact is damaged, fuse again"

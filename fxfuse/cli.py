@@ -7,6 +7,7 @@ Every error fxfuse raises on purpose is printed as one line on stderr with exit 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -19,11 +20,29 @@ from .errors import FxfuseError
 
 log = logging.getLogger("fxfuse")
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class _UsageError(Exception):
+    """A command line argparse cannot read; `main` prints it as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (with the command's name) and
+    exit code 2, instead of a usage block; ``-v`` works before or after the
+    command."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message}; see '{self.prog} --help'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as error:
+        print(f"fxfuse: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _configure_logging(args.verbose)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -35,6 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fxfuse: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as error:
+        # Not an error fxfuse raises on purpose: still one line, with the way to
+        # see where it came from.
+        if args.verbose:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(
+            f"fxfuse: error: {type(error).__name__}: {first} (unexpected; run again "
+            "with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print(
             "fxfuse: interrupted; a training run resumes from its last checkpoint "
@@ -60,7 +91,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fxfuse",
         description="Fuse trained single-task PyTorch models into one multi-task model.",
     )
@@ -68,7 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="progress logs; tracebacks"
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # The same flag after the command adds to the count given before it.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="progress logs; tracebacks",
+    )
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser
+    )
+    commands.add_parser = functools.partial(commands.add_parser, parents=[verbose])
     _add_inspect(commands)
     _add_fuse(commands)
     _add_train(commands)

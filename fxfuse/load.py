@@ -2,7 +2,10 @@
 
 A model is named by a *spec*:
 
-- ``model.pt2``: a ``torch.export`` archive. Loads without unpickling code.
+- ``model.pt2``: a ``torch.export`` archive. Loads without unpickling code: every
+  tensor in it is read with ``weights_only=True``, and an archive that holds
+  pickled Python objects (opaque or custom-class constants) is refused unless
+  ``allow_pickle=True``.
 - ``package.module:factory`` or ``path/to/file.py:factory``, optionally followed by
   ``@weights.safetensors`` or ``@state_dict.pt``: the factory builds the model and
   the weights (a safetensors file, or a state dict read with ``weights_only=True``)
@@ -19,11 +22,14 @@ features such as ``shop=int10,price=float`` (a dict of batch 2 with int64 ids be
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import pickle
 import re
 import sys
+import traceback
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +73,7 @@ def load_model(spec: str, allow_pickle: bool = False) -> LoadedModel:
         return _from_factory(spec)
     path = _existing(spec, "model")
     if path.suffix == ".pt2":
-        return _from_archive(path)
+        return _from_archive(path, allow_pickle)
     return _from_pickle(path, allow_pickle)
 
 
@@ -86,15 +92,84 @@ def _existing(spec: str, what: str) -> Path:
     return path
 
 
-def _from_archive(path: Path) -> LoadedModel:
+def read_archive(
+    path: str | os.PathLike, allow_pickle: bool = False
+) -> torch.export.ExportedProgram:
+    """Read a ``torch.export`` archive without running code stored in it.
+
+    `torch.export.load` unpickles some entries of an archive: constants that are
+    Python objects, and any tensor file it cannot read safely (it then retries
+    with ``weights_only=False``). Unless `allow_pickle`, such entries are refused
+    before loading and every ``torch.load`` underneath is forced to
+    ``weights_only=True``.
+
+    Raises:
+        LoadError: the archive holds pickled objects (without `allow_pickle`) or
+            cannot be read.
+    """
+    path = Path(path)
+    if not allow_pickle:
+        _refuse_pickled_objects(path)
     try:
-        with quiet_torch_logs():
-            program = torch.export.load(str(path))
+        with quiet_torch_logs(), _weights_only(enabled=not allow_pickle):
+            return torch.export.load(str(path))
     except Exception as error:
+        raise LoadError(
+            f"'{path}' is not a readable torch.export archive ({_reason(error)}); "
+            "write it with torch.export.save(torch.export.export(model, inputs), "
+            "path), or pass --allow-pickle if you trust a file that holds pickled "
+            "objects"
+        ) from None
+
+
+def _refuse_pickled_objects(path: Path) -> None:
+    """Refuse archive entries that `torch.export.load` would unpickle as objects."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
         raise LoadError(
             f"'{path}' is not a readable torch.export archive ({_reason(error)}); "
             "write it with torch.export.save(torch.export.export(model, inputs), path)"
         ) from None
+    for name in names:
+        entry = name.rpartition("/")[2]
+        if f"/{_CONSTANTS_DIR}" in f"/{name}" and entry.startswith(_OBJECT_PREFIXES):
+            raise LoadError(
+                f"'{path}' holds a pickled Python object ({name}): loading it would "
+                "run code from the file, so fxfuse does not by default; if you trust "
+                "the file, pass --allow-pickle (allow_pickle=True in Python)",
+                limitation="pickled-models",
+            )
+
+
+# Where torch.export archives keep constants, and the file names of constants that
+# are Python objects (restored with pickle) rather than tensors.
+_CONSTANTS_DIR = "data/constants/"
+_OBJECT_PREFIXES = ("custom_obj_", "opaque_obj_")
+
+
+@contextlib.contextmanager
+def _weights_only(enabled: bool):
+    """Force ``weights_only=True`` on every ``torch.load`` inside, even where the
+    caller asks for ``weights_only=False``."""
+    if not enabled:
+        yield
+        return
+    variable = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(variable)
+    os.environ[variable] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
+
+
+def _from_archive(path: Path, allow_pickle: bool = False) -> LoadedModel:
+    program = read_archive(path, allow_pickle)
     _require_dynamic_batch(program, path)
     module = program.module()
     inputs = None
@@ -178,7 +253,14 @@ def _from_factory(spec: str) -> LoadedModel:
             f"'{module_name}' has no callable '{factory_name}'; the spec is "
             "module:factory[@weights], e.g. mymodels:build_mlp@mlp.safetensors"
         )
-    model = factory()
+    try:
+        model = factory()
+    except Exception as error:
+        raise LoadError(
+            f"{target}() raised {type(error).__name__}{_user_line(error)}: "
+            f"{_reason(error)}; fix the factory so that it builds the model with no "
+            "arguments"
+        ) from None
     if not isinstance(model, nn.Module):
         raise LoadError(
             f"{target}() returned a {type(model).__name__}, not an nn.Module"
@@ -195,7 +277,15 @@ def _import(module_name: str, spec: str):
         loader = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader)
         sys.modules[name] = module
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[name]
+            raise LoadError(
+                f"importing '{path}' raised {type(error).__name__}"
+                f"{_user_line(error)}: {_reason(error)}; fix the file so that it "
+                "imports on its own"
+            ) from None
         return module
     try:
         return importlib.import_module(module_name)
@@ -306,6 +396,22 @@ def check_batch(inputs: tuple) -> None:
                 f"{MIN_BATCH}; give a batch of at least {MIN_BATCH} so that the batch "
                 "dimension can be told apart"
             )
+
+
+def _user_line(error: BaseException) -> str:
+    """`` at file:line`` of the innermost frame outside fxfuse and Python's import
+    machinery, or of the offending line of a syntax error."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}:{error.lineno}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith((_OWN_DIR, "<frozen"))
+    ]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+_OWN_DIR = str(Path(__file__).resolve().parent)
 
 
 def _reason(error: BaseException) -> str:

@@ -261,6 +261,7 @@ def evaluate(
         batch_size: Rows per forward pass.
     """
     _check_tasks(tasks, {"": split})
+    check_fits(model, split)
     kinds = _output_kinds(model, tasks, output_kinds)
     predictions = predict(model, split, batch_size)
     metrics = {}
@@ -277,6 +278,32 @@ def evaluate(
         except InputError as error:
             raise InputError(f"task '{task}': {error}") from None
     return metrics
+
+
+def check_fits(model: nn.Module, split: Split) -> None:
+    """Run `model` on two rows of `split`; raise an InputError if they do not fit.
+
+    The message names the inputs the data give and, for a fused model, the inputs
+    it was built with.
+    """
+    from .analyse import describe_inputs
+
+    rows = _to_device(split.take(slice(0, 2)), _device_of(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*rows.args())
+    except Exception as error:
+        built = getattr(model, "example_inputs", None)
+        expected = f"; it was built for {describe_inputs(built)}" if built else ""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(
+            f"the data ({describe_inputs(rows.args())}) do not fit the model"
+            f"{expected} ({first[:200]}); use the data set the model was made for"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 # Training
@@ -339,6 +366,7 @@ def fit(
     config = config or TrainConfig()
     tasks = dict(tasks)
     _check_tasks(tasks, {"train": train, "val": val})
+    check_fits(model, val)
     kinds = _output_kinds(model, tasks, output_kinds)
     losses = {task: loss_for(kind, kinds[task]) for task, kind in tasks.items()}
     weights = _task_weights(config, tasks)
