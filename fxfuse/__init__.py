@@ -2,9 +2,11 @@
 
 The steps, one module each: `load` (safe loading), `trace` (tiers), `analyse` (cut
 points), `plan` (which cuts), `split` (stages), `report` (`inspect`), `generate`
-(`fuse`), `artifact` (`save`/`load`).
+(`fuse`), `artifact` (`save`/`load`), `train` (`fit`, `evaluate`), `export`
+(`export_onnx`, `export_pt2`). Data sets are in `fxfuse.data`.
 """
 
+from . import data
 from ._version import __version__
 from .analyse import Analysis, CutPoint, analyse
 from .artifact import load, save
@@ -14,22 +16,29 @@ from .export import ExportReport, ParityCheck, export_onnx, export_pt2
 from .generate import FusionInfo, fuse, unfreeze
 from .report import Report, inspect, split
 from .trace import Traced, trace
+from .train import FitResult, TrainConfig, evaluate, fit, infer_kinds
 
 __all__ = [
     "Analysis",
     "CutPoint",
     "ExportReport",
+    "FitResult",
     "FusionInfo",
     "FxfuseError",
     "ParityCheck",
     "Report",
+    "TrainConfig",
     "Traced",
     "__version__",
     "analyse",
+    "data",
     "draw",
+    "evaluate",
     "export_onnx",
     "export_pt2",
+    "fit",
     "fuse",
+    "infer_kinds",
     "inspect",
     "load",
     "save",

@@ -25,12 +25,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def predict(
 def evaluate(
     model: nn.Module,
     split: Split,
-    tasks: Mapping[str, str],
+    tasks: Mapping[str, str] | Sequence[str],
     output_kinds: Mapping[str, str] | None = None,
     batch_size: int = 8192,
 ) -> dict[str, float]:
@@ -255,11 +256,13 @@ def evaluate(
     Args:
         model: A model whose call returns ``{task: prediction}``.
         split: Rows with a label for every task in `tasks`.
-        tasks: Task name to its kind (a `Dataset`'s ``tasks``).
+        tasks: Task name to its kind (a `Dataset`'s ``tasks``), or task names
+            alone, whose kinds are then read from the model (`infer_kinds`).
         output_kinds: Task name to ``"probability"`` or ``"logits"``; defaults to
             what the fused model records, else ``"logits"``.
         batch_size: Rows per forward pass.
     """
+    tasks = _kinds_of(model, tasks, split)
     _check_tasks(tasks, {"": split})
     check_fits(model, split)
     kinds = _output_kinds(model, tasks, output_kinds)
@@ -278,6 +281,45 @@ def evaluate(
         except InputError as error:
             raise InputError(f"task '{task}': {error}") from None
     return metrics
+
+
+def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[str, str]:
+    """Each task's kind, read from the model's prediction for it.
+
+    Several values per row make a multi-class task; one value that is a
+    probability (the head ends in a sigmoid) a binary one. One raw value per row
+    could be either a binary logit or a regression, so the labels decide: all 0
+    and 1 make it binary, anything else regression.
+
+    Example::
+
+        infer_kinds(fused, ["income", "never_married"], data.val)
+        # {"income": "binary", "never_married": "binary"}
+    """
+    check_fits(model, split)
+    rows = _to_device(split.take(slice(0, 2)), _device_of(model))
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        predictions = _outputs(model(*rows.args()))
+        model.train(was_training)
+    kinds = {}
+    for task in tasks:
+        if task not in predictions:
+            raise InputError(
+                f"the model predicts {sorted(predictions)} but not task '{task}'"
+            )
+        per_row = predictions[task].numel() // len(rows)
+        labels = split.labels.get(task)
+        if per_row > 1:
+            kinds[task] = "multiclass"
+        elif _output_kinds(model, [task], None)[task] == "probability":
+            kinds[task] = "binary"
+        elif labels is not None and bool(((labels == 0) | (labels == 1)).all()):
+            kinds[task] = "binary"
+        else:
+            kinds[task] = "regression"
+    return kinds
 
 
 def check_fits(model: nn.Module, split: Split) -> None:
@@ -313,12 +355,13 @@ def fit(
     model: nn.Module,
     train: Split,
     val: Split,
-    tasks: Mapping[str, str],
+    tasks: Mapping[str, str] | Sequence[str],
     config: TrainConfig | None = None,
     *,
     output_kinds: Mapping[str, str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     metrics_path: str | os.PathLike | None = None,
+    restart: bool = False,
 ) -> FitResult:
     """Train a multi-task model and leave it holding its best validation weights.
 
@@ -328,7 +371,9 @@ def fit(
             ``requires_grad`` are trained.
         train: Rows to fit on.
         val: Rows to score after every epoch.
-        tasks: Task name to kind; only these tasks are trained and scored.
+        tasks: Task name to kind; only these tasks are trained and scored. Task
+            names alone (a list) have their kinds read from the model's heads
+            and the labels (`infer_kinds`).
         config: Settings; `TrainConfig()` when None.
         output_kinds: Task name to ``"probability"`` or ``"logits"``, which picks
             the loss. Defaults to ``model.fusion_info.output_kind(task)`` for a
@@ -338,6 +383,8 @@ def fit(
             at the end). A run started with a folder holding ``last.pt`` resumes
             from it; one holding ``done.json`` loads the final weights and returns
             the stored result without training.
+        restart: Discard what `checkpoint_dir` holds and start anew (rank 0
+            empties it while the other ranks wait).
         metrics_path: File that receives one JSON line per epoch. It is rewritten
             at the start to hold the lines of the epochs already done (none unless
             resuming), so it always matches the run's history.
@@ -364,7 +411,7 @@ def fit(
     """
     started = time.perf_counter()
     config = config or TrainConfig()
-    tasks = dict(tasks)
+    tasks = _kinds_of(model, tasks, train)
     _check_tasks(tasks, {"train": train, "val": val})
     check_fits(model, val)
     kinds = _output_kinds(model, tasks, output_kinds)
@@ -372,7 +419,7 @@ def fit(
     weights = _task_weights(config, tasks)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
-    if folder is not None and (folder / DONE).is_file():
+    if folder is not None and (folder / DONE).is_file() and not restart:
         return _finished_run(model, folder, tasks)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -383,6 +430,8 @@ def fit(
         )
     ranks = _Ranks.join()
     try:
+        if restart and folder is not None:
+            ranks.clear(folder)
         device = ranks.place(model)
         optimizer = torch.optim.AdamW(
             trainable, lr=config.lr, weight_decay=config.weight_decay
@@ -893,6 +942,13 @@ class _Ranks:
         dist.all_reduce(summed)
         return summed.item() / max(count * self.world, 1)
 
+    def clear(self, folder: Path) -> None:
+        """Rank 0 empties `folder`; every rank waits until it has."""
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
+
     def leave(self) -> None:
         if self.created:
             dist.destroy_process_group()
@@ -914,6 +970,17 @@ def _check_tasks(tasks: Mapping[str, str], splits: Mapping[str, Split]) -> None:
                     f"{where} has no labels for task '{task}' (it has "
                     f"{sorted(split.labels)}); train only tasks the data labels"
                 )
+
+
+def _kinds_of(
+    model: nn.Module, tasks: Mapping[str, str] | Sequence[str], split: Split
+) -> dict[str, str]:
+    """Task name to kind: as given, or inferred (`infer_kinds`) from task names."""
+    if isinstance(tasks, Mapping):
+        return dict(tasks)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    return infer_kinds(model, list(tasks), split)
 
 
 def _output_kinds(
