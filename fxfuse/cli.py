@@ -294,6 +294,14 @@ def _data_options(command: argparse.ArgumentParser) -> None:
         metavar="N",
         help="use N training rows and N/4 validation and test rows (quick runs)",
     )
+    command.add_argument(
+        "--task-kind",
+        action="append",
+        default=[],
+        metavar="TASK=KIND",
+        help="binary, multiclass or regression; by default read from the task's "
+        "head (several outputs: multiclass; a sigmoid: binary) and labels",
+    )
 
 
 def _dataset(args):
@@ -305,8 +313,12 @@ def _dataset(args):
     return data
 
 
-def _fused_tasks(fused, data) -> dict[str, str]:
+def _fused_tasks(fused, data, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """Each task's kind: read from the fused model's heads and the labels, unless
+    ``--task-kind TASK=KIND`` says otherwise."""
     from .errors import InputError
+    from .metrics import KINDS
+    from .train import infer_kinds
 
     tasks = fused.fusion_info.tasks
     missing = [t for t in tasks if t not in data.tasks]
@@ -315,7 +327,17 @@ def _fused_tasks(fused, data) -> dict[str, str]:
             f"the fused model's tasks {missing} are not tasks of --data (which has "
             f"{sorted(data.tasks)}); fuse with task names of the data set"
         )
-    return {t: data.tasks[t] for t in tasks}
+    given = {}
+    for item in overrides:
+        task, _, kind = item.partition("=")
+        if task not in tasks or kind not in KINDS:
+            raise InputError(
+                f"--task-kind '{item}' is not TASK=KIND with a task of the model "
+                f"({', '.join(tasks)}) and a kind of {', '.join(KINDS)}"
+            )
+        given[task] = kind
+    inferred = infer_kinds(fused, [t for t in tasks if t not in given], data.val)
+    return {t: given.get(t) or inferred[t] for t in tasks}
 
 
 def _add_train(commands) -> None:
@@ -353,7 +375,6 @@ def _add_train(commands) -> None:
 
 
 def _run_train(args) -> int:
-    import shutil
     from pathlib import Path
 
     from .artifact import load, save_weights
@@ -363,13 +384,12 @@ def _run_train(args) -> int:
 
     fused = load(args.artifact)
     data = _dataset(args)
-    tasks = _fused_tasks(fused, data)
+    tasks = _fused_tasks(fused, data, args.task_kind)
     if args.unfreeze:
         unfreeze(fused, args.unfreeze)
     folder = Path(args.artifact) / "train"
-    if args.restart and folder.exists():
-        shutil.rmtree(folder)
-    if not args.uniform_heads and not (folder / "last.pt").exists():
+    resuming = (folder / "last.pt").exists() and not args.restart
+    if not args.uniform_heads and not resuming:
         weights = weigh_heads(fused, data.val, tasks)
         for task, by_model in weights.items():
             shown = ", ".join(f"{n} {w:.2f}" for n, w in by_model.items())
@@ -391,6 +411,7 @@ def _run_train(args) -> int:
         config,
         checkpoint_dir=folder,
         metrics_path=folder / "metrics.jsonl",
+        restart=args.restart,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 alone writes the artifact
@@ -445,7 +466,7 @@ def _run_evaluate(args) -> int:
 
     fused = load(args.artifact)
     data = _dataset(args)
-    tasks = _fused_tasks(fused, data)
+    tasks = _fused_tasks(fused, data, args.task_kind)
     split = data.val if args.split == "val" else data.test
     rows = evaluation_rows(fused, split, tasks)
     if args.json:
