@@ -415,6 +415,39 @@ def test_pair_items_never_pairs_an_item_with_itself():
     assert sorted(partner.tolist()) == list(range(1000))
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_multifashion_validation_images_share_no_item_with_training_images(tmp_path):
+    # Item i carries its number in two corners: its top-left pixels stay visible
+    # when it is the left item, its bottom-right ones when it is the right item.
+    def items(n: int) -> np.ndarray:
+        ids = np.arange(n)
+        array = np.zeros((n, 28, 28), dtype=np.uint8)
+        array[:, 0, 0], array[:, 0, 1] = ids % 256, ids // 256
+        array[:, 27, 27], array[:, 27, 26] = ids % 256, ids // 256
+        return array
+
+    for name, n in (("train", 600), ("t10k", 100)):
+        _write_idx(tmp_path / f"{name}-images-idx3-ubyte", items(n))
+        _write_idx(tmp_path / f"{name}-labels-idx1-ubyte", np.arange(n) % 10)
+    data = multifashion(tmp_path, n_val=100)
+
+    def used(split) -> set[int]:
+        pixels = (split.inputs[:, 0] * 255).round().long()
+        left = pixels[:, 0, 0] + 256 * pixels[:, 0, 1]
+        right = pixels[:, 35, 35] + 256 * pixels[:, 35, 34]
+        assert torch.equal(torch.sort(left).values, torch.sort(right).values)
+        return set(left.tolist())
+
+    train, val = used(data.train), used(data.val)
+    assert (len(train), len(val)) == (500, 100)
+    assert not train & val
+    assert train | val == set(range(600))
+
+
 def test_read_idx_reads_plain_and_gzipped_files(tmp_path):
     header = bytes([0, 0, 8, 3]) + np.array([2, 2, 3], ">u4").tobytes()
     payload = bytes(range(12))

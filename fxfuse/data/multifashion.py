@@ -5,7 +5,9 @@ and columns 0..27), a second at the bottom right (rows and columns 8..35); where
 they overlap the brighter pixel wins. Task ``left`` is the first item's class, task
 ``right`` the second's. Every item of a split is the left item of exactly one image
 and the right item of exactly one other, paired by a seeded permutation inside the
-split, so train images only mix train items and test images only test items.
+split, so the images of each split only mix that split's items: validation items
+are drawn from Fashion-MNIST's train items before pairing, and no item of a
+validation image appears in a training image.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def multifashion(
     Args:
         root: Folder holding the four IDX files.
         download: Fetch the files when they are not found.
-        seed: Seed of the pairing and of the validation draw.
-        n_val: Images taken from the train-derived images for validation.
+        seed: Seed of the validation draw and of the pairing.
+        n_val: Fashion-MNIST train items set aside for validation; they make as
+            many validation images.
 
     Returns:
         The data set: inputs float32 ``[N, 1, 36, 36]`` in [0, 1]; tasks ``left`` and
-        ``right`` (multiclass, 10 classes, int64 labels). Train + validation are the
-        60,000 images made of train items, test the 10,000 made of test items.
+        ``right`` (multiclass, 10 classes, int64 labels). Train and validation are
+        made of disjoint sets of Fashion-MNIST's 60,000 train items (60,000 -
+        ``n_val`` and ``n_val`` images), test of its 10,000 test items.
 
     Raises:
         InputError: The files are missing (and not downloaded), a download fails or
@@ -94,14 +98,12 @@ def multifashion(
     """
     folder = _locate(root, download)
     rng = np.random.default_rng(seed)
-    train_canvas, train_labels = _make_part(folder, "train", rng)
-    test_canvas, test_labels = _make_part(folder, "test", rng)
-
-    train_rows, val_rows = _draw_val(len(train_canvas), n_val, rng)
+    items, classes = _read_part(folder, "train")
+    train_items, val_items = _draw_val(len(items), n_val, rng)
     return Dataset(
-        train=_to_split(train_canvas[train_rows], train_labels[train_rows]),
-        val=_to_split(train_canvas[val_rows], train_labels[val_rows]),
-        test=_to_split(test_canvas, test_labels),
+        train=_to_split(*_pair(items[train_items], classes[train_items], rng)),
+        val=_to_split(*_pair(items[val_items], classes[val_items], rng)),
+        test=_to_split(*_pair(*_read_part(folder, "test"), rng)),
         tasks={"left": "multiclass", "right": "multiclass"},
         sparse={},
         dense=[],
@@ -177,15 +179,8 @@ def _gunzip(data: bytes, source: str | Path) -> bytes:
         raise InputError(f"{source} is not a valid gzip file: {error}") from error
 
 
-def _make_part(
-    folder: Path, part: str, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one part's items and overlay each with its partner.
-
-    Returns:
-        The uint8 canvases ``[N, 36, 36]`` and the int64 labels ``[N, 2]`` (left,
-        right).
-    """
+def _read_part(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """One part's items ``[N, 28, 28]`` (uint8) and classes ``[N]`` (int64)."""
     images_name, labels_name = _PARTS[part]
     items = read_idx(_file_path(folder, images_name), ndim=3)
     classes = read_idx(_file_path(folder, labels_name), ndim=1).astype(np.int64)
@@ -194,7 +189,18 @@ def _make_part(
             f"Fashion-MNIST {part} files in {folder} disagree: images "
             f"{items.shape}, labels {classes.shape}; expected [N, 28, 28] and [N]"
         )
+    return items, classes
 
+
+def _pair(
+    items: np.ndarray, classes: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Overlay each item with its partner.
+
+    Returns:
+        The uint8 canvases ``[N, 36, 36]`` and the int64 labels ``[N, 2]`` (left,
+        right).
+    """
     partner = pair_items(len(items), rng)
     canvas = overlay(items, partner)
     return canvas, np.stack([classes, classes[partner]], axis=1)
@@ -254,7 +260,7 @@ def overlay(items: np.ndarray, partner: np.ndarray) -> np.ndarray:
 
 
 def _draw_val(n: int, n_val: int, rng: np.random.Generator):
-    """Shuffle ``n`` rows; the last ``n_val`` are validation. Both in row order."""
+    """Shuffle ``n`` items; the last ``n_val`` are validation. Both in order."""
     if not 0 <= n_val < n:
         raise InputError(f"n_val must lie in 0..{n - 1}, got {n_val}")
     order = rng.permutation(n)
