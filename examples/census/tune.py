@@ -56,7 +56,10 @@ def train_members(args) -> None:
             seed, kind, task = jobs[job]
             result = job.result()
             CACHE.mkdir(parents=True, exist_ok=True)
-            torch.save(result, CACHE / f"{seed}-{kind}-{task}.pt")
+            target = CACHE / f"{seed}-{kind}-{task}.pt"
+            partial = target.with_suffix(".partial")
+            torch.save(result, partial)
+            partial.replace(target)
             print(
                 seed,
                 kind,
