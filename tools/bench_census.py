@@ -92,9 +92,10 @@ class Fusion:
         width, heads: AKF token width and attention heads.
         lr, schedule, weight_decay, task_weights: `TrainConfig` of the fusion fit.
         unfreeze: None, "heads" or "all" (`fxfuse.unfreeze`).
-        head_start: "scores" starts each task's head mixing from its models'
-            validation scores (`fxfuse.heads.weigh_heads`, as `fxfuse train` does),
-            "uniform" from equal weights.
+        head_start: how each task's head mixing starts (`fxfuse.heads.weigh_heads`):
+            "fit" from the weights minimising its loss on validation rows (as
+            `fxfuse train` does by default), "scores" from its models' validation
+            scores, "uniform" from equal weights.
     """
 
     members: tuple[str, ...]
@@ -107,7 +108,7 @@ class Fusion:
     weight_decay: float = 0.01
     task_weights: Mapping[str, float] | None = None
     unfreeze: str | None = None
-    head_start: str = "scores"
+    head_start: str = "fit"
 
     def describe(self) -> dict:
         data = asdict(self)
@@ -366,8 +367,8 @@ def train_fused(
         average_test = evaluate(average, data.test, data.tasks, PROBABILITIES)
         average_val = evaluate(average, data.val, data.tasks, PROBABILITIES)
 
-    if fusion.head_start == "scores":
-        weigh_heads(fused, data.val, data.tasks)
+    if fusion.head_start != "uniform":
+        weigh_heads(fused, data.val, data.tasks, method=fusion.head_start)
     result = fit(
         fused, data.train, data.val, data.tasks, fusion_config(fusion, budget, seed)
     )

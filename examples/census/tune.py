@@ -200,7 +200,9 @@ def main() -> None:
     run.add_argument("--weight-decay", type=float, default=0.01)
     run.add_argument("--task-weights")
     run.add_argument("--unfreeze")
-    run.add_argument("--head-start", choices=("scores", "uniform"), default="scores")
+    run.add_argument(
+        "--head-start", choices=("fit", "scores", "uniform"), default="fit"
+    )
     run.add_argument("--epochs", type=int, default=10)
     sub.add_parser("report")
     args = parser.parse_args()
