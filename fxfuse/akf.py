@@ -10,8 +10,11 @@ One `HeadMixer` per task mixes the final predictions of that task's models, star
 from their (weighted) mean.
 
 Every module here is out of place, differentiable and capturable by
-``torch.export.export(..., strict=False)`` with a dynamic batch dimension, and by
-``torch.onnx.export(..., dynamo=True)``. The attention is written out with
+``torch.export.export(..., strict=False)`` with a dynamic batch dimension, by
+``torch.onnx.export(..., dynamo=True)``, and by ``torch.fx.symbolic_trace`` inside a
+model that calls them, such as the fused model (the checks of the values' shapes run
+in eager mode and under export, and are skipped for fx proxies, which have no
+shape). The attention is written out with
 `torch.nn.functional.scaled_dot_product_attention` because the eval-mode fast path of
 `nn.MultiheadAttention` does not export.
 """
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -332,6 +336,8 @@ class AKF(nn.Module):
                 f"({names}); pass one value per member, in that order"
             )
         for member, value in zip(self.members, values, strict=True):
+            if isinstance(value, fx.Proxy):
+                continue  # symbolic tracing: no shape to check
             fits = value.ndim == member.ndim
             fits = fits and value.shape[member.channel_dim] == member.channels
             if not fits:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .errors import ArtifactError, LoadError
-from .generate import FusionInfo, build, stages_of, unfreeze
+from .generate import FusionInfo, build, member_inputs, stages_of, unfreeze
 from .load import read_archive
 
 FORMAT = "fxfuse-artifact"
@@ -233,7 +233,7 @@ def _save_stages(fused, info: FusionInfo, inputs: tuple, folder: Path) -> dict:
     (folder / "stages").mkdir()
     files: dict[str, list[str]] = {}
     for model in info.models:
-        value_args = inputs
+        value_args = member_inputs(info, model.name, inputs)  # keys it renames too
         files[model.name] = []
         for k, stage in enumerate(stages_of(fused, model.name)):
             dynamic = torch.utils._pytree.tree_map(

@@ -213,6 +213,14 @@ def _add_fuse(commands) -> None:
         metavar="MODEL=PATH[,PATH...]",
         help="cut a model at these module paths or nodes instead of choosing",
     )
+    command.add_argument(
+        "--input-map",
+        action="append",
+        default=[],
+        metavar="MODEL:ITS_KEY=FUSED_KEY[,...]",
+        help="a model reads dict input FUSED_KEY under its own key ITS_KEY (repeat "
+        "per model; MODEL as fxfuse fuse lists it, e.g. income_mlp8)",
+    )
     command.add_argument("--width", type=int, default=64, help="AKF token width (64)")
     command.add_argument("--heads", type=int, default=4, help="AKF attention heads (4)")
     command.add_argument("-o", "--output", required=True, help="artifact folder")
@@ -257,6 +265,7 @@ def _run_fuse(args) -> int:
                 f"{sorted(set(by_key.values()))}"
             )
         cuts[by_key[key]] = [p.strip() for p in paths.split(",") if p.strip()]
+    input_map = _input_map(args.input_map, by_key)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -267,6 +276,7 @@ def _run_fuse(args) -> int:
             cuts=cuts,
             width=args.width,
             heads=args.heads,
+            input_map=input_map,
         )
     for note in _unique(str(w.message) for w in caught):
         print(f"fxfuse: warning: {note}", file=sys.stderr)
@@ -274,6 +284,30 @@ def _run_fuse(args) -> int:
     print(format_fused(fused))
     print(f"\nwritten: {args.output}")
     return 0
+
+
+def _input_map(entries: Sequence[str], by_key: dict[str, str]) -> dict:
+    """``--input-map MODEL:ITS_KEY=FUSED_KEY[,...]`` entries as ``fuse``'s
+    `input_map`. MODEL may also be a model's spec or file name, as for --cuts;
+    `fuse` checks the names and keys."""
+    from .errors import InputError
+
+    input_map: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        model, _, pairs = entry.rpartition(":")
+        renames = [pair.partition("=") for pair in pairs.split(",") if pair.strip()]
+        complete = [
+            own.strip() and sep and fused.strip() for own, sep, fused in renames
+        ]
+        if not model.strip() or not renames or not all(complete):
+            raise InputError(
+                f"--input-map '{entry}' is not MODEL:ITS_KEY=FUSED_KEY[,...]; for "
+                "example --input-map income_mlp8:years=age"
+            )
+        model = by_key.get(model.strip(), model.strip())
+        for own, _, fused in renames:
+            input_map.setdefault(model, {})[own.strip()] = fused.strip()
+    return input_map
 
 
 def _data_options(command: argparse.ArgumentParser) -> None:
@@ -363,9 +397,12 @@ def _add_train(commands) -> None:
         help="also train each model's last stage, or every stage",
     )
     command.add_argument(
-        "--uniform-heads",
-        action="store_true",
-        help="start head mixing uniform instead of from the models' validation scores",
+        "--head-start",
+        choices=["fit", "scores", "uniform"],
+        default="fit",
+        help="start each task's head mixing from the weights that minimise its loss "
+        "on validation rows (fit), from its models' validation scores (scores), or "
+        "equal (uniform)",
     )
     command.add_argument(
         "--restart", action="store_true", help="discard checkpoints and start anew"
@@ -389,8 +426,8 @@ def _run_train(args) -> int:
         unfreeze(fused, args.unfreeze)
     folder = Path(args.artifact) / "train"
     resuming = (folder / "last.pt").exists() and not args.restart
-    if not args.uniform_heads and not resuming:
-        weights = weigh_heads(fused, data.val, tasks)
+    if args.head_start != "uniform" and not resuming:
+        weights = weigh_heads(fused, data.val, tasks, method=args.head_start)
         for task, by_model in weights.items():
             shown = ", ".join(f"{n} {w:.2f}" for n, w in by_model.items())
             print(f"head mixing of {task} starts at: {shown}")

@@ -161,7 +161,8 @@ def export_onnx(
     """Export `model` to ONNX with a dynamic batch and check it with ONNX Runtime.
 
     Inputs are named after the model's inputs: the keys of a dict input as they are,
-    else ``fusion_info.input_names`` of a fused model (``"x"``), else ``input_0``,
+    else ``fusion_info.input_names`` of a fused model (the argument name its models'
+    ``forward`` share, such as ``"image"``, else ``"x"``), else ``input_0``,
     ``input_1``, ... Outputs are named after the keys of the returned dict (the
     tasks), else ``output`` or ``output_0``, ... Large models keep their weights in
     ``<path>.data`` beside the file.

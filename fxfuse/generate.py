@@ -5,15 +5,28 @@ For each level ``k`` every model runs its stage ``k - 1`` up to its ``k``-th cut
 its fused value. Each model's last stage gives its prediction; a task's prediction
 mixes its models' predictions (`HeadMixer`, uniform at first). The graph is written
 with the ``fx.Graph`` API, so ``print(fused.code)`` reads like a hand-written
-``forward``::
+``forward``. For a `TabularMLP` and a torch-rechub `DCN` fused at three levels
+(fx ends a line with ``name = None`` after a value's last use; long ones are cut
+short here)::
 
     def forward(self, x):
-        income_mlp8 = self.income_mlp8.stage0(x)
-        income_dcn = self.income_dcn.stage0(x)
-        fusion1 = self.fusion1(income_mlp8, income_dcn)
+        income_mlp8_cut1 = self.income_mlp8.stage0(x)
+        income_dcn_cut1 = self.income_dcn.stage0(x);  x = None
+        fusion1 = self.fusion1(income_mlp8_cut1, income_dcn_cut1);  ...
+        income_mlp8_fused1 = fusion1[0]
+        income_dcn_fused1 = fusion1[1];  fusion1 = None
+        income_mlp8_cut2 = self.income_mlp8.stage1(income_mlp8_fused1);  ...
         ...
-        income = self.mix_income(income_mlp8_3, income_dcn_3)
+        income_mlp8_out = self.income_mlp8.stage3(income_mlp8_fused3);  ...
+        income_dcn_out = self.income_dcn.stage3(income_dcn_fused3);  ...
+        income = self.mix_income(income_mlp8_out, income_dcn_out);  ...
         return {'income': income}
+
+A model that reads a dict input key under another name (``input_map``) gets its
+own dict, made before its first stage (a new dict; ``x`` is not written into)::
+
+    income_dcn_x = fxfuse_generate_rename_keys(x, {'years': 'age'})
+    income_dcn_cut1 = self.income_dcn.stage0(income_dcn_x)
 
 The models' stages are frozen and stay in eval mode whatever mode the fused model is
 in, so BatchNorm statistics and dropout of the trained models never drift.
@@ -21,12 +34,14 @@ in, so BatchNorm statistics and dropout of the trained models never drift.
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import keyword
 import math
 import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -106,6 +121,8 @@ class ModelInfo:
     prediction_shape: list[int]
     output_kind: str = "logits"
     levels: list[int] = field(default_factory=list)
+    # Dict input keys this model reads under another name: its key -> fused key.
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def joins(self, level: int) -> bool:
         """Whether this model's value at `level` passes through that level's AKF."""
@@ -125,6 +142,8 @@ class FusionInfo:
     input_names: list[str] = field(default_factory=lambda: ["x"])
     head_weights: dict[str, list[float]] = field(default_factory=dict)
     per_input_mixing: bool = True
+    # The keys of each positional input that is a dict, None for other inputs.
+    input_keys: list[list[str] | None] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -137,6 +156,10 @@ class FusionInfo:
 
     def task_models(self, task: str) -> list[ModelInfo]:
         return [m for m in self.models if m.task == task]
+
+    def renames(self, model: ModelInfo) -> dict[int, dict[str, str]]:
+        """`model.inputs` by positional input: ``{position: {its key: fused key}}``."""
+        return _by_position(model.inputs, self.input_keys)
 
     def output_kind(self, task: str) -> str:
         """'probability' when every model of the task ends in a sigmoid/softmax."""
@@ -155,6 +178,7 @@ def fuse(
     width: int = 64,
     heads: int = 4,
     head_weights: Mapping[str, Sequence[float]] | None = None,
+    input_map: Mapping[str, Mapping[str, str]] | None = None,
 ) -> fx.GraphModule:
     """Fuse trained single-task models into one multi-task GraphModule.
 
@@ -162,13 +186,21 @@ def fuse(
         tasks: for each task, its models: a list (names come from the files or
             classes) or a dict from name to model.
         example_inputs: positional arguments every model accepts (batch >= 2). With
-            dict inputs, give the union of the models' keys: each model reads its own.
+            dict inputs, give the union of the models' keys: each model reads its own
+            by name, or under another name given in `input_map`. A tensor input is
+            named after the models' own forward argument when they all agree
+            (``image``), else ``x``.
         levels: fusion levels, i.e. cuts per model.
         cuts: optional module paths or node names to cut at, per model name.
         width: token width of the AKF modules.
         heads: attention heads of the AKF modules.
         head_weights: optional initial mixing weights per task (one per model, in
             order), for instance from the models' validation scores.
+        input_map: for models whose dict keys differ from the fused inputs' keys,
+            by model name (``income_mlp8``): ``{its_key: fused_key}``. That model
+            reads fused input `fused_key` as `its_key` (and no longer as
+            `fused_key`; map ``{fused_key: fused_key}`` too to keep it); keys not
+            mentioned pass through unchanged. See `rename_keys`.
 
     Returns:
         A GraphModule whose call returns ``{task: prediction}``. At initialisation
@@ -176,36 +208,52 @@ def fuse(
 
     Raises:
         FuseError: a task has no model, a model is given twice, predictions of one
-            task differ in shape, or a model has fewer cut points than `levels`.
-        InputError: the example inputs do not fit a model.
+            task differ in shape, a model has fewer cut points than `levels`, or
+            `cuts` or `input_map` name an unknown model.
+        InputError: the example inputs do not fit a model, or `input_map` names a
+            fused input key that the example inputs do not have.
     """
     example_inputs = tuple(example_inputs)
     members = _members(tasks)
+    names = [name for name, _, _ in members]
     cuts = dict(cuts or {})
-    unknown = set(cuts) - {name for name, _, _ in members}
+    unknown = set(cuts) - set(names)
     if unknown:
         raise FuseError(
-            f"--cuts names unknown models {sorted(unknown)}; the models are "
-            f"{[name for name, _, _ in members]}"
+            f"--cuts names unknown models {sorted(unknown)}; the models are {names}"
         )
+    input_keys = _input_keys(example_inputs)
+    input_map = _checked_input_map(input_map or {}, names, input_keys)
 
+    # Each model is inspected on the inputs as it reads them (its keys renamed).
+    model_inputs = {
+        name: _renamed(
+            example_inputs, _by_position(input_map.get(name, {}), input_keys)
+        )
+        for name in names
+    }
     reports: list[Report] = []
     for name, _, loaded in members:
-        report = _inspect_member(loaded, name, example_inputs, levels, cuts.get(name))
+        report = _inspect_member(
+            loaded, name, model_inputs[name], levels, cuts.get(name)
+        )
         reports.append(report)
 
     info = FusionInfo(
         tasks=list(tasks),
         models=[
-            _model_info(name, task, loaded, report, example_inputs, levels)
+            _model_info(name, task, loaded, report, model_inputs[name], levels)
             for (name, task, loaded), report in zip(members, reports, strict=True)
         ],
         levels=levels,
         width=width,
         heads=heads,
-        input_names=_input_names(example_inputs),
+        input_names=_input_names(example_inputs, [m.model for _, _, m in members]),
         head_weights={t: list(w) for t, w in (head_weights or {}).items()},
+        input_keys=input_keys,
     )
+    for model in info.models:
+        model.inputs = input_map.get(model.name, {})
     _check_predictions(info)
     stages = {m.name: r.stages for m, r in zip(info.models, reports, strict=True)}
     fused = build(info, stages)
@@ -272,18 +320,29 @@ def unfreeze(fused: fx.GraphModule, what: str) -> None:
 
 class Alone(nn.Module):
     """One model of a fused model run alone (its stages chained, no fusion), as a
-    module that returns ``{task: prediction}`` like the fused model."""
+    module that returns ``{task: prediction}`` like the fused model.
 
-    def __init__(self, stages: Sequence[nn.Module], task: str):
+    `renames` are the model's renamed dict keys by input position (see
+    `FusionInfo.renames`): it takes the fused model's inputs.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        task: str,
+        renames: Mapping[int, Mapping[str, str]] | None = None,
+    ):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.task = task
+        self.renames = {i: dict(r) for i, r in (renames or {}).items()}
 
     def train(self, mode: bool = True) -> Alone:
         self.training = mode  # the stages keep their eval mode
         return self
 
     def forward(self, *inputs):
+        inputs = _renamed(inputs, self.renames)
         return {self.task: chain(list(self.stages), *inputs)}
 
 
@@ -295,7 +354,8 @@ class Average(nn.Module):
         super().__init__()
         info = fused.fusion_info
         self.members = nn.ModuleList(
-            Alone(stages_of(fused, m.name), m.task) for m in info.models
+            Alone(stages_of(fused, m.name), m.task, info.renames(m))
+            for m in info.models
         )
 
     def forward(self, *inputs):
@@ -307,10 +367,109 @@ class Average(nn.Module):
 
 def members_alone(fused: fx.GraphModule) -> dict[str, Alone]:
     """Each model of a fused model, runnable alone, by its name in the fused model."""
+    info = fused.fusion_info
     return {
-        m.name: Alone(stages_of(fused, m.name), m.task)
-        for m in fused.fusion_info.models
+        m.name: Alone(stages_of(fused, m.name), m.task, info.renames(m))
+        for m in info.models
     }
+
+
+def member_inputs(info: FusionInfo, name: str, inputs: tuple) -> tuple:
+    """The fused model's `inputs` as the model called `name` reads them, with the
+    dict keys it reads under other names renamed (`fuse`'s ``input_map``), in new
+    dicts."""
+    model = next(m for m in info.models if m.name == name)
+    return _renamed(tuple(inputs), info.renames(model))
+
+
+def _input_keys(example_inputs: tuple) -> list[list[str] | None]:
+    return [
+        [str(k) for k in value] if isinstance(value, dict) else None
+        for value in example_inputs
+    ]
+
+
+def _checked_input_map(
+    input_map: Mapping[str, Mapping[str, str]],
+    names: list[str],
+    input_keys: list[list[str] | None],
+) -> dict[str, dict[str, str]]:
+    """`input_map` as plain dicts, after checking its models and fused keys."""
+    unknown = sorted(set(input_map) - set(names))
+    if unknown:
+        raise FuseError(
+            f"the input map (--input-map) names unknown models {unknown}; the models "
+            f"are {names}"
+        )
+    available = [key for keys in input_keys if keys for key in keys]
+    checked: dict[str, dict[str, str]] = {}
+    for name, renames in input_map.items():
+        for own, fused in renames.items():
+            if not available:
+                raise InputError(
+                    f"the input map of {name} reads '{fused}' as '{own}', but the "
+                    "fused inputs are not dicts; map keys only for dict inputs"
+                )
+            if fused not in available:
+                raise InputError(
+                    f"model {name} expects '{own}' from fused input '{fused}', which "
+                    f"the fused inputs do not have (they have: {', '.join(available)});"
+                    f" map '{own}' to one of them"
+                )
+        checked[name] = {str(own): str(fused) for own, fused in renames.items()}
+    return checked
+
+
+def _by_position(
+    renames: Mapping[str, str], input_keys: Sequence[Sequence[str] | None]
+) -> dict[int, dict[str, str]]:
+    """`{its key: fused key}` split by the positional dict input holding the fused
+    key (the first input when the keys are not known)."""
+    positions: dict[int, dict[str, str]] = {}
+    for own, fused in renames.items():
+        position = next(
+            (i for i, keys in enumerate(input_keys) if keys and fused in keys), 0
+        )
+        positions.setdefault(position, {})[own] = fused
+    return positions
+
+
+def rename_keys(inputs: dict, renames: Mapping[str, str]) -> dict:
+    """A new dict: `inputs` with each fused key of `renames` (``{its key: fused
+    key}``) replaced, in place in the key order, by the model's own key(s); keys not
+    mentioned pass through unchanged, and an own key takes precedence over a fused
+    key of the same name.
+
+    The fused graph calls this for a model given an ``input_map``. Under
+    ``torch.fx.symbolic_trace`` it records itself as one call instead of running.
+
+    Example::
+
+        >>> rename_keys({"shop": 1, "age": 2}, {"years": "age"})
+        {'shop': 1, 'years': 2}
+    """
+    if isinstance(inputs, fx.Proxy):
+        return inputs.tracer.create_proxy(
+            "call_function", rename_keys, (inputs, dict(renames)), {}
+        )
+    renamed = {}
+    for key, value in inputs.items():
+        owns = [own for own, fused in renames.items() if fused == key]
+        if owns:
+            renamed.update(dict.fromkeys(owns, value))
+        elif key not in renames:
+            renamed[key] = value
+    return renamed
+
+
+def _renamed(inputs: tuple, renames: Mapping[int, Mapping[str, str]]) -> tuple:
+    """`inputs` with each dict input named in `renames` renamed by `rename_keys`."""
+    if not renames:
+        return inputs
+    return tuple(
+        rename_keys(value, renames[i]) if i in renames else value
+        for i, value in enumerate(inputs)
+    )
 
 
 def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedModel]]:
@@ -350,10 +509,11 @@ def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedMo
                     f"the same model object is given twice (as {seen_ids[id(loaded.model)]}"
                     f" and in task '{task}'); give each model once"
                 )
-            if isinstance(model, LoadedModel) and loaded.source in seen_sources:
+            source = _source_key(loaded.source)
+            if isinstance(model, LoadedModel) and source in seen_sources:
                 raise FuseError(
                     f"model file '{loaded.source}' is given twice (tasks "
-                    f"'{seen_sources[loaded.source]}' and '{task}'); give each file once"
+                    f"'{seen_sources[source]}' and '{task}'); give each file once"
                 )
             base = given_name or loaded.name
             if numbered:
@@ -361,9 +521,19 @@ def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedMo
             name = _unique_name(f"{task}_{base}", used)
             used.add(name)
             seen_ids[id(loaded.model)] = name
-            seen_sources[loaded.source] = task
+            seen_sources[source] = task
             members.append((name, task, loaded))
     return members
+
+
+def _source_key(source: str) -> str:
+    """A file source as its resolved path, so that ``./a.pt2``, ``a.pt2`` and the
+    absolute path compare equal; other specs (``module:factory``) as they are."""
+    path = Path(source)
+    try:
+        return str(path.resolve()) if path.is_file() else source
+    except OSError:
+        return source
 
 
 def _needs_numbers(models: ModelsOfTask) -> bool:
@@ -393,7 +563,14 @@ def _inspect_member(loaded, name, example_inputs, levels, cuts) -> Report:
     try:
         report = inspect(loaded.model, example_inputs, levels, cuts=cuts, name=name)
     except InputError as error:
-        raise InputError(f"model {name} ({loaded.source}): {error}") from error
+        hint = ""
+        if isinstance(error.__cause__, KeyError):
+            hint = (
+                f"; if the fused inputs call it differently, map it with input_map="
+                f"{{'{name}': {{ITS_KEY: FUSED_KEY}}}} (--input-map "
+                f"{name}:ITS_KEY=FUSED_KEY)"
+            )
+        raise InputError(f"model {name} ({loaded.source}): {error}{hint}") from error
     available = len(report.cut_points)
     if cuts and len(cuts) > levels:
         raise FuseError(
@@ -487,10 +664,42 @@ def _check_predictions(info: FusionInfo) -> None:
             )
 
 
-def _input_names(example_inputs: tuple) -> list[str]:
-    if len(example_inputs) == 1:
-        return ["x"]
-    return [f"x{i}" for i in range(len(example_inputs))]
+def _input_names(example_inputs: tuple, models: Sequence[nn.Module]) -> list[str]:
+    """The fused model's argument names: a tensor input takes the name every model's
+    ``forward`` gives it (``image``); other inputs, or tensors the models name
+    differently, are ``x`` (``x0``, ``x1``, ... for several inputs)."""
+    count = len(example_inputs)
+    default = ["x"] if count == 1 else [f"x{i}" for i in range(count)]
+    signatures = [_argument_names(model) for model in models]
+    names = []
+    for i, value in enumerate(example_inputs):
+        given = {s[i] if s is not None and i < len(s) else None for s in signatures}
+        name = given.pop() if len(given) == 1 else None
+        if isinstance(value, torch.Tensor) and name and _identifier(name):
+            names.append(name)
+        else:
+            names.append(default[i])
+    return names if len(set(names)) == count else default
+
+
+def _argument_names(model: nn.Module) -> list[str] | None:
+    """The positional parameter names of ``model.forward``, up to any ``*args``.
+
+    For a module from a ``.pt2`` archive these are the program's own input names.
+    """
+    try:
+        parameters = pyinspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for parameter in parameters:
+        if parameter.kind not in (
+            parameter.POSITIONAL_ONLY,
+            parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            break
+        names.append(parameter.name)
+    return names
 
 
 def _akf(info: FusionInfo, level: int) -> AKF:
@@ -526,7 +735,10 @@ def _fused_graph(info: FusionInfo) -> fx.Graph:
         joining = _joining(info, level)
         for model in joining:
             k = model.levels.index(level)
-            args = inputs if k == 0 else [values[model.name]]
+            if k == 0:
+                args = _model_arguments(graph, info, model, inputs)
+            else:
+                args = [values[model.name]]
             values[model.name] = graph.create_node(
                 "call_module",
                 f"{model.name}.stage{k}",
@@ -568,3 +780,20 @@ def _fused_graph(info: FusionInfo) -> fx.Graph:
     graph.output(outputs)
     graph.lint()
     return graph
+
+
+def _model_arguments(
+    graph: fx.Graph, info: FusionInfo, model: ModelInfo, inputs: list[fx.Node]
+) -> list[fx.Node]:
+    """The fused inputs as `model` reads them: a dict input whose keys it renames
+    becomes its own dict, ``income_years_x = ...rename_keys(x, {'years': 'age'})``."""
+    arguments = list(inputs)
+    for position, renames in info.renames(model).items():
+        source = inputs[position]
+        arguments[position] = graph.create_node(
+            "call_function",
+            rename_keys,
+            (source, dict(renames)),
+            name=f"{model.name}_{source.name}",
+        )
+    return arguments

@@ -224,7 +224,46 @@ def test_forward_rejects_a_value_with_the_wrong_channels():
         akf(*values)
 
 
+# AKF and HeadMixer under torch.fx
+
+
+class Calls(nn.Module):
+    """Calls `module` with four values, as the fused model calls AKF and mixers: fx
+    traces a module through its callers (it cannot trace a ``*values`` forward as
+    the root, whatever the module does)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, a, b, c, d):
+        return self.module(a, b, c, d)
+
+
+def test_symbolic_trace_through_akf_keeps_its_values():
+    akf = AKF(MEMBERS, TASKS, width=16, heads=4).eval()
+    make_writers_nonzero(akf)
+
+    traced = torch.fx.symbolic_trace(Calls(akf))
+
+    values = mixed_values(batch=3)
+    for got, want in zip(traced(*values), akf(*values), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(akf(*values)[0], values[0])  # the writers do write
+
+
 # HeadMixer
+
+
+def test_symbolic_trace_through_a_per_input_mixer_keeps_its_values():
+    mixer = HeadMixer(4, weights=[3, 1, 1, 1], per_input=True, prediction_size=3)
+    with torch.no_grad():
+        mixer.per_input.weight.normal_()
+
+    traced = torch.fx.symbolic_trace(Calls(mixer))
+
+    predictions = [torch.randn(5, 3) for _ in range(4)]
+    assert torch.equal(traced(*predictions), mixer(*predictions))
 
 
 @pytest.mark.parametrize("shape", [(5,), (5, 1), (5, 3)])

@@ -19,8 +19,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import fxfuse
+from fxfuse.cli import main
 from fxfuse.errors import ExportError
 from fxfuse.export import ExportReport, export, export_onnx, export_pt2
+from fxfuse.load import load_model
 from tools.bench_export import census_fused, vision_fused
 
 from .conftest import SHARED
@@ -95,6 +97,39 @@ def branch_fused() -> tuple[torch.fx.GraphModule, tuple]:
     inputs = ({key: value[rows] for key, value in inputs.items()},)
     models = {"buy": {"branch": model.eval(), "tower": ShopTower().eval()}}
     return fxfuse.fuse(models, inputs, levels=2).eval(), inputs
+
+
+class ImageTower(nn.Module):
+    """A small model whose forward calls its input `image`."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 8), nn.ReLU()
+        )
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, image):
+        return self.head(self.body(image))
+
+
+def image_fused(tmp_path) -> torch.fx.GraphModule:
+    """An ImageTower and one read back from a .pt2 archive, fused at one level, with
+    fusion weights that change the outputs."""
+    torch.manual_seed(0)
+    archive = tmp_path / "tower.pt2"
+    program = torch.export.export(
+        ImageTower(16).eval(),
+        (torch.randn(6, 4),),
+        dynamic_shapes=({0: torch.export.Dim.AUTO},),
+    )
+    torch.export.save(program, archive)
+    models = {"left": [ImageTower(8).eval(), load_model(str(archive))]}
+    fused = fxfuse.fuse(models, (torch.randn(6, 4),), levels=1)
+    with torch.no_grad():
+        for p in fused.fusion1.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return fused
 
 
 class Tampered(nn.Module):
@@ -228,6 +263,45 @@ def test_model_loaded_from_an_artifact_exports_to_onnx(branch, tmp_path):
 
     assert graph_names(tmp_path / "fused.onnx") == (["shop", "price"], ["buy"])
     assert_matches_eager(fused, tmp_path / "fused.onnx", resample(inputs, 3, 3))
+
+
+def test_onnx_input_is_named_after_the_models_forward_argument(tmp_path):
+    fused = image_fused(tmp_path)  # forward(self, image), in Python and in a .pt2
+
+    export_onnx(fused, None, tmp_path / "fused.onnx")
+
+    session = onnxruntime.InferenceSession(
+        str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert "def forward(self, image):" in fused.code
+
+
+def test_models_that_name_their_input_differently_give_the_input_x():
+    class Other(ImageTower):
+        def forward(self, features):
+            return self.head(self.body(features))
+
+    models = {"left": [ImageTower(8).eval()], "right": [Other(8).eval()]}
+    fused = fxfuse.fuse(models, (torch.randn(6, 4),), levels=1)
+
+    assert fused.fusion_info.input_names == ["x"]
+
+
+def test_cli_export_above_the_tolerance_exits_2_with_one_line(tmp_path, capsys):
+    fxfuse.save(image_fused(tmp_path), tmp_path / "art")
+    export_args = ["export", str(tmp_path / "art"), "-o"]
+
+    # ONNX Runtime rounds differently from PyTorch: differences about 1e-7.
+    code = main([*export_args, str(tmp_path / "tight.onnx"), "--tolerance", "1e-12"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fxfuse: error: ")
+    assert "over the tolerance 1e-12" in err and "parity FAILED" in out
+
+    assert main([*export_args, str(tmp_path / "fused.onnx")]) == 0
+    out, err = capsys.readouterr()
+    assert "parity passed (tolerance 1e-04)" in out and not err
 
 
 # ---------------------------------------------------------------- census (slow)

@@ -9,6 +9,7 @@ import fxfuse
 from examples.census.models import TabularMLP
 from examples.multifashion.models import SmallResNet, SmallViT
 from fxfuse.errors import ArtifactError, FuseError, InputError
+from fxfuse.load import load_model
 from tools.zoo import census_rechub_features
 
 SPARSE = {"shop": 11, "city": 7, "brand": 13}
@@ -188,6 +189,50 @@ def test_empty_task_and_repeated_model_are_refused():
         fxfuse.fuse({"a": [model], "b": []}, (_features(),))
     with pytest.raises(FuseError, match="given twice"):
         fxfuse.fuse({"a": [model], "b": [model]}, (_features(),))
+
+
+@pytest.mark.parametrize("spelling", ["./a.pt2", "{folder}/a.pt2", "../{name}/a.pt2"])
+def test_the_same_model_file_spelled_another_way_is_refused(
+    tmp_path, monkeypatch, spelling
+):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    dynamic = ({0: torch.export.Dim.AUTO},)
+    program = torch.export.export(model, (torch.randn(4, 4),), dynamic_shapes=dynamic)
+    torch.export.save(program, tmp_path / "a.pt2")
+    monkeypatch.chdir(tmp_path)
+    other = spelling.format(folder=tmp_path, name=tmp_path.name)
+
+    tasks = {"a": [load_model("a.pt2")], "b": [load_model(other)]}
+    with pytest.raises(
+        FuseError, match=r"a\.pt2' is given twice \(tasks 'a' and 'b'\)"
+    ):
+        fxfuse.fuse(tasks, (torch.randn(4, 4),), levels=1)
+
+
+def _small_mlp(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 8), nn.ReLU(), nn.Linear(8, 1)
+    ).eval()
+
+
+def test_fused_model_is_traced_again_by_fx_symbolic_trace():
+    torch.manual_seed(0)
+    models = {"a": [_small_mlp(8), _small_mlp(16)], "b": [_small_mlp(8)]}
+    fused = fxfuse.fuse(models, (torch.randn(6, 4),), levels=2)
+    with torch.no_grad():  # let the fusion and the mixing change the outputs
+        for p in [*fused.fusion1.parameters(), *fused.mix_a.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+
+    traced = torch.fx.symbolic_trace(fused)
+
+    assert any(n.target is torch.stack for n in traced.graph.nodes)  # AKF inlined
+    other = torch.randn(5, 4)
+    with torch.no_grad():
+        want, got = fused(other), traced(other)
+    assert list(got) == ["a", "b"]
+    for task in want:
+        assert torch.equal(got[task], want[task]), task
+    assert (want["a"] - _mean_of(models["a"], (other,))).abs().max() > 1e-3
 
 
 def test_levels_above_the_cut_points_say_how_many_there_are():
