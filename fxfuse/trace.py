@@ -49,7 +49,8 @@ class ModeDependentGraphWarning(UserWarning):
 
 
 class FrozenAttributeWarning(UserWarning):
-    """A tensor attribute that is not a parameter or buffer was frozen into the graph."""
+    """A module attribute that is not a parameter or buffer (a plain tensor, or a
+    float used in arithmetic) was frozen into the graph as a constant."""
 
 
 @dataclass
@@ -98,6 +99,7 @@ def trace(
     Args:
         model: the model to capture, in the mode it will be used in (usually eval).
         example_inputs: positional arguments for `model`, as in `torch.export`.
+            Arguments they leave unfilled keep their defaults in the graph.
         leaf_modules: module paths to keep opaque from the start.
 
     Returns:
@@ -105,18 +107,34 @@ def trace(
 
     Raises:
         TraceFailure: no tier could capture the model.
+
+    Limitations:
+        A module attribute that is neither a parameter nor a buffer is read once,
+        while tracing, and its value is frozen into the graph: changing it later
+        does not change the traced model. `FrozenAttributeWarning` names two kinds,
+        in the ``fx`` and ``fx+leaves`` tiers only: a plain tensor attribute, and a
+        float attribute of a module of the user's own, passed as it is to
+        arithmetic on traced values (``x * self.scale``, ``h / self.temperature``,
+        ``x.clamp(max=self.limit)``). Not warned about: int and bool attributes
+        (sizes, axes and switches, read by every model; an int is as likely a
+        channel count as a scale), floats derived from an attribute before use
+        (``self.scale * 2``), floats passed to other functions (dropout rates,
+        ``eps``), floats of torch and torchvision modules and attributes listed in
+        ``__constants__`` (architecture constants such as ``head_dim ** -0.5``),
+        and anything the ``export`` tier freezes. See docs/limitations.md#tracing.
     """
     example_inputs = tuple(example_inputs)
     if isinstance(model, fx.GraphModule):
         return _already_traced(model)
     paths = {id(m): name for name, m in model.named_modules()}
     leaves = list(leaf_modules)
+    defaults = _unfilled_defaults(model, len(example_inputs))
     notes: list[str] = []
 
     first_failure = None
     for attempt in range(MAX_LEAF_RETRIES + 1):
         try:
-            gm = _symbolic_trace(model, set(leaves), notes)
+            gm, frozen = _symbolic_trace(model, set(leaves), defaults)
         except Exception as error:  # any tracer failure moves on to the next step
             failure = _locate(error, paths)
             first_failure = first_failure or failure
@@ -132,13 +150,21 @@ def trace(
         if _has_mutation(gm):
             notes.append("fx: the graph writes into a tensor in place")
             break
+        if _reads_keyword_arguments(gm):
+            notes.append(
+                "fx: forward reads **kwargs, which positional inputs leave empty"
+            )
+            break
         tier = "fx+leaves" if len(leaves) > len(leaf_modules) else "fx"
+        for message in frozen:
+            notes.append(f"fx: {message.split(':')[0]}")
+            warnings.warn(message, FrozenAttributeWarning, stacklevel=2)
         if tier != "fx":
             _warn_fallback(
                 f"modules {leaves} were kept as leaves after tracing failed inside "
                 f"them ({first_failure.where()})"
             )
-        _check_mode_independent(model, set(leaves), gm)
+        _check_mode_independent(model, set(leaves), defaults, gm)
         return Traced(gm, tier, leaves, notes)
 
     if first_failure is not None:
@@ -149,10 +175,10 @@ def trace(
         gm = _export(model, example_inputs)
     except Exception as error:
         raise _trace_failure(model, first_failure, _locate(error, paths)) from error
+    reason = first_failure.where() if first_failure else notes[-1][len("fx: ") :]
     _warn_fallback(
-        f"torch.fx could not trace {type(model).__name__}"
-        + (f" ({first_failure.where()})" if first_failure else "")
-        + "; captured it with torch.export instead"
+        f"torch.fx could not trace {type(model).__name__} ({reason}); captured it "
+        "with torch.export instead"
     )
     return Traced(gm, "export", [], notes)
 
@@ -166,14 +192,39 @@ def _already_traced(model: fx.GraphModule) -> Traced:
 
 
 class _PathTracer(fx.Tracer):
-    """A symbolic tracer that can keep chosen module paths opaque."""
+    """A symbolic tracer that can keep chosen module paths opaque, and that records
+    the attributes it freezes into the graph (see `frozen`)."""
 
-    def __init__(self, root: nn.Module, leaf_paths: set[str], notes: list[str]):
+    def __init__(self, root: nn.Module, leaf_paths: set[str]):
         super().__init__()
         self.leaf_paths = leaf_paths
-        self.notes = notes
         self._attribute_names = _tensor_attribute_names(root)
+        self._float_attributes = _float_attributes(root)
         self._frozen: set[str] = set()
+        self._tensors: list[str] = []
+        self._floats: list[str] = []
+
+    @property
+    def frozen(self) -> list[str]:
+        """One message per frozen tensor attribute, and one for all float ones."""
+        messages = [
+            f"tensor attribute '{name}' frozen as a constant: it is not a parameter "
+            "or buffer, so its value at tracing time is frozen into the graph; "
+            "register it with register_buffer() if it should follow the model"
+            for name in self._tensors
+        ]
+        if self._floats:
+            shown = ", ".join(self._floats[:4])
+            more = len(self._floats) - 4
+            shown += f" and {more} more" if more > 0 else ""
+            messages.append(
+                f"float attribute{'s' * (len(self._floats) > 1)} {shown} frozen as "
+                "constants: used in arithmetic on traced values, their values at "
+                "tracing time are frozen into the graph and changing them later "
+                "changes nothing; keep one as a buffer (register_buffer(name, "
+                "torch.tensor(value))) if it should follow the model"
+            )
+        return messages
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -185,15 +236,27 @@ class _PathTracer(fx.Tracer):
             name = self._attribute_names.get(id(a))
             if name is not None and name not in self._frozen:
                 self._frozen.add(name)
-                self.notes.append(f"fx: tensor attribute '{name}' frozen as a constant")
-                warnings.warn(
-                    f"tensor attribute '{name}' is not a parameter or buffer: its "
-                    "value at tracing time is frozen into the graph as a constant; "
-                    "register it with register_buffer() if it should follow the model",
-                    FrozenAttributeWarning,
-                    stacklevel=4,
-                )
+                self._tensors.append(name)
         return super().create_arg(a)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if _is_arithmetic(kind, target):
+            owned = self._float_attributes.get(self.scope.module_path, {})
+            if owned:
+                fx.node.map_aggregate((args, kwargs), self._check_float)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def _check_float(self, value):
+        """Record a float attribute of the module being traced that is used as an
+        operand: the object itself, not an equal number (``x * 0.5``)."""
+        if not isinstance(value, float):
+            return
+        path = self.scope.module_path
+        key = self._float_attributes.get(path, {}).get(id(value))
+        name = f"{path}.{key}" if path and key else key
+        if name is not None and name not in self._frozen:
+            self._frozen.add(name)
+            self._floats.append(f"'{name}' ({value!r})")
 
 
 def _tensor_attribute_names(root: nn.Module) -> dict[int, str]:
@@ -206,10 +269,100 @@ def _tensor_attribute_names(root: nn.Module) -> dict[int, str]:
     return names
 
 
-def _symbolic_trace(model: nn.Module, leaf_paths: set[str], notes: list[str]):
-    tracer = _PathTracer(model, leaf_paths, notes)
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+def _float_attributes(root: nn.Module) -> dict[str, dict[int, str]]:
+    """Plain float attributes of each module, by module path, then by object id.
+
+    Only modules of the user's own classes count. The floats of torch and
+    torchvision modules are architecture constants (an attention scale
+    ``head_dim ** -0.5``), and so are the attributes a class lists in
+    ``__constants__`` (``eps``, ``momentum``, ``p``).
+    """
+    found: dict[str, dict[int, str]] = {}
+    for path, module in root.named_modules():
+        if type(module).__module__.split(".")[0] in _LIBRARIES:
+            continue
+        constants = set(getattr(type(module), "__constants__", ()))
+        owned = {
+            id(value): key
+            for key, value in vars(module).items()
+            if isinstance(value, float)
+            and not key.startswith("_")
+            and key not in constants
+        }
+        if owned:
+            found[path] = owned
+    return found
+
+
+_LIBRARIES = ("torch", "torchvision")
+
+# Operations whose operands are numbers to compute with, not settings.
+_ARITHMETIC_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.floordiv,
+    operator.mod,
+    operator.pow,
+    torch.add,
+    torch.sub,
+    torch.rsub,
+    torch.mul,
+    torch.div,
+    torch.true_divide,
+    torch.pow,
+    torch.clamp,
+    torch.clip,
+}
+_ARITHMETIC_METHODS = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "true_divide",
+    "pow",
+    "clamp",
+    "clip",
+}
+
+
+def _is_arithmetic(kind: str, target) -> bool:
+    if kind == "call_function":
+        return target in _ARITHMETIC_FUNCTIONS
+    if kind == "call_method":
+        return str(target).rstrip("_") in _ARITHMETIC_METHODS
+    return False
+
+
+def _unfilled_defaults(model: nn.Module, given: int) -> dict:
+    """Parameters of `model.forward` that `given` positional inputs leave at their
+    default, when the default is a plain value (``mask=None``, ``scale=2.0``).
+
+    fx would make each a symbolic input: a branch on it (``if mask is not None``)
+    would take the side of a given argument, and a value from it would look like
+    an input to the analysis. Bound to its default, it is what the model computes.
+    """
+    try:
+        parameters = list(pyinspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: bind nothing
+        return {}
+    positional = [
+        p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    unfilled = positional[given:] + [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    plain = (type(None), bool, int, float, str)
+    return {p.name: p.default for p in unfilled if type(p.default) in plain}
+
+
+def _symbolic_trace(
+    model: nn.Module, leaf_paths: set[str], defaults: dict | None = None
+) -> tuple[fx.GraphModule, list[str]]:
+    """The fx graph of `model` with `defaults` bound, and messages naming the
+    attributes frozen into it."""
+    tracer = _PathTracer(model, leaf_paths)
+    graph = tracer.trace(model, concrete_args=defaults or None)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer.frozen
 
 
 def _unsupported_mutation(error: BaseException) -> bool:
@@ -227,12 +380,24 @@ def _has_mutation(gm: fx.GraphModule) -> bool:
     return False
 
 
-def _check_mode_independent(model: nn.Module, leaf_paths: set[str], gm) -> None:
+def _reads_keyword_arguments(gm: fx.GraphModule) -> bool:
+    """Whether the root forward reads its ``**kwargs``: fx keeps them as a symbolic
+    input that the example inputs (positional only) never fill, so the graph cannot
+    be run or cut as traced; torch.export binds them to ``{}`` instead."""
+    return any(
+        node.op == "placeholder" and str(node.target).startswith("**") and node.users
+        for node in gm.graph.nodes
+    )
+
+
+def _check_mode_independent(
+    model: nn.Module, leaf_paths: set[str], defaults: dict, gm
+) -> None:
     """Warn when tracing in the other mode gives a different graph."""
     was_training = model.training
     try:
         model.train(not was_training)
-        other = _symbolic_trace(model, leaf_paths, [])
+        other, _ = _symbolic_trace(model, leaf_paths, defaults)
     except Exception:
         return
     finally:
@@ -329,14 +494,23 @@ def _locate(error: BaseException, paths: dict[int, str]) -> _Failure:
     summary = traceback.FrameSummary(
         frame.f_code.co_filename, lineno, frame.f_code.co_name
     )
-    owner = frame.f_locals.get("self")
     return _Failure(
         error,
         filename=frame.f_code.co_filename,
         lineno=lineno,
         line=(summary.line or "").strip() or None,
-        module_path=paths.get(id(owner)),
+        module_path=paths.get(id(_frame_owner(frame))),
     )
+
+
+def _frame_owner(frame):
+    """The first argument of the frame's function (``self`` in a method), whatever
+    its name: a ``forward(s, x)`` belongs to its module as much as ``forward(self, x)``.
+    """
+    code = frame.f_code
+    if not code.co_argcount:
+        return None
+    return frame.f_locals.get(code.co_varnames[0])
 
 
 def _trace_failure(

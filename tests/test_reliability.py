@@ -1,6 +1,7 @@
 """Bad input on the command line: one line on stderr, exit code 2, nothing lost."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fxfuse
-from fxfuse.trace import FrozenAttributeWarning, ModeDependentGraphWarning
+from fxfuse.errors import FxfuseError
+from fxfuse.load import load_model
+from fxfuse.split import chain
+from fxfuse.trace import FrozenAttributeWarning, ModeDependentGraphWarning, trace
+from tools.zoo import torchvision_models
 
 ROOT = Path(__file__).resolve().parents[1]
 DYNAMIC = torch.export.Dim.AUTO
@@ -206,6 +212,66 @@ def test_a_plain_tensor_attribute_is_reported_as_frozen():
     assert messages and "'scale'" in messages[0] and "register_buffer" in messages[0]
 
 
+class _LibraryNorm(nn.LayerNorm):
+    """A user subclass of a torch.nn layer: its ``eps`` is configuration."""
+
+    def forward(self, x):
+        return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + self.eps)
+
+
+class _ScaledByAttributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.norm = _LibraryNorm(4)
+        self.b = nn.Linear(4, 1)
+        self.scale = 0.5  # frozen, and reported
+        self.groups = 2  # an int: a size as often as a factor, not reported
+        self.shift = True  # a bool: a switch, not reported
+
+    def forward(self, x):
+        h = self.norm(torch.relu(self.a(x))) * self.scale
+        h = h.reshape(-1, self.groups, 2).flatten(1) * self.groups
+        return self.b(h + 1.0 if self.shift else h)
+
+
+def test_a_float_attribute_used_in_arithmetic_is_reported_once_and_is_frozen():
+    model, x = _ScaledByAttributes().eval(), torch.randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = fxfuse.inspect(model, (x,))
+    messages = [str(w.message) for w in caught if w.category is FrozenAttributeWarning]
+    assert len(messages) == 1
+    assert messages[0].startswith("float attribute 'scale' (0.5) frozen")
+    assert "register_buffer" in messages[0]
+    assert any("'scale'" in note for note in report.notes)
+
+    with torch.no_grad():
+        before = model(x)
+        model.scale = 3.0
+        assert torch.equal(chain(report.stages, x), before)
+        assert not torch.allclose(model(x), before)
+
+
+def _torchvision_model(name):
+    if name == "vit_b_16":
+        return torchvision.models.vit_b_16(image_size=32), 32
+    if name == "maxvit_small":  # its attention scales are float attributes
+        entry = next(e for e in torchvision_models() if e.name == name)
+        return entry.build(), 64
+    return getattr(torchvision.models, name)(), 64
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "maxvit_small"])
+def test_torchvision_models_raise_no_frozen_attribute_warning(name):
+    model, size = _torchvision_model(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = trace(model.eval(), (torch.randn(2, 3, size, size),))
+    assert traced.tier == "fx"
+    assert [w for w in caught if w.category is FrozenAttributeWarning] == []
+
+
 class _ModeDependent(nn.Module):
     def __init__(self):
         super().__init__()
@@ -226,16 +292,114 @@ def test_a_graph_that_differs_between_train_and_eval_is_reported():
     assert any(w.category is ModeDependentGraphWarning for w in caught)
 
 
-def test_errors_from_limitations_point_to_their_entry():
-    entries = (ROOT / "docs" / "limitations.md").read_text()
-    for anchor in (
-        "tracing",
-        "few-cut-points",
-        "pickled-models",
-        "static-archives",
-        "outputs",
-    ):
-        assert f"## {anchor}" in entries
+class _ValueBranchAtRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.mean() > 0:
+            h = -h
+        return self.out(h)
+
+
+class _ValueClamp(nn.Module):
+    def forward(self, x):
+        if (x > 10).any():
+            return x.clamp(max=10)
+        return x
+
+
+class _ValueBranchInside(nn.Module):
+    """Kept opaque while tracing; torch.export cannot capture it later."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), _ValueClamp(), nn.Linear(8, 8)
+        )
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class _TwoHeads(Small):
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h), h
+
+
+def _trace_a_value_branch(tmp_path):
+    fxfuse.inspect(_ValueBranchAtRoot(), (torch.randn(3, 4),))
+
+
+def _split_at_more_levels_than_cuts(tmp_path):
+    fxfuse.split(Small(), (torch.randn(3, 4),), levels=9)
+
+
+def _fuse_at_more_levels_than_cuts(tmp_path):
+    fxfuse.fuse({"t": [Small(), Small(16)]}, (torch.randn(3, 4),), levels=9)
+
+
+def _load_a_pickle(tmp_path):
+    torch.save(Small(), tmp_path / "model.pt")
+    load_model(str(tmp_path / "model.pt"))
+
+
+def _load_a_fixed_batch_archive(tmp_path):
+    program = torch.export.export(Small().eval(), (torch.randn(4, 4),))
+    torch.export.save(program, tmp_path / "fixed.pt2")
+    load_model(str(tmp_path / "fixed.pt2"))
+
+
+def _fuse_a_model_with_two_outputs(tmp_path):
+    fxfuse.fuse({"t": [_TwoHeads(), _TwoHeads(16)]}, (torch.randn(3, 4),))
+
+
+def _export_a_member_kept_opaque(tmp_path):
+    torch.manual_seed(0)
+    members = [_ValueBranchInside().eval(), _ValueBranchInside().eval()]
+    fused = fxfuse.fuse({"t": members}, (torch.randn(3, 4),), levels=2)
+    fxfuse.export_pt2(fused, (torch.randn(3, 4),), tmp_path / "fused.pt2")
+
+
+LIMITATION_TRIGGERS = {
+    "tracing": [_trace_a_value_branch],
+    "few-cut-points": [_split_at_more_levels_than_cuts, _fuse_at_more_levels_than_cuts],
+    "pickled-models": [_load_a_pickle],
+    "static-archives": [_load_a_fixed_batch_archive],
+    "outputs": [_fuse_a_model_with_two_outputs],
+    "export": [_export_a_member_kept_opaque],
+}
+
+
+def _limitation_entries() -> list[str]:
+    text = (ROOT / "docs" / "limitations.md").read_text()
+    return re.findall(r"^## (\S+)$", text, flags=re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "entry, trigger",
+    [(e, t) for e, triggers in LIMITATION_TRIGGERS.items() for t in triggers],
+    ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
+)
+def test_an_error_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger):
+    with pytest.raises(FxfuseError) as caught:
+        trigger(tmp_path)
+    assert caught.value.limitation == entry
+    assert str(caught.value).endswith(f"(see docs/limitations.md#{entry})")
+    assert entry in _limitation_entries()
+
+
+def test_every_limitation_has_an_entry_the_code_names_and_a_test():
+    named = set()
+    for path in (ROOT / "fxfuse").rglob("*.py"):
+        named |= set(re.findall(r'limitation="([^"]+)"', path.read_text()))
+    entries = _limitation_entries()
+    assert named == set(entries) == set(LIMITATION_TRIGGERS)
 
 
 class _TinyCNN(nn.Module):

@@ -3,29 +3,40 @@
 Each step is timed on its own, with the functions of its module called directly:
 `fxfuse.trace.trace`, `fxfuse.analyse.analyse`, `fxfuse.plan.plan_cuts` with
 `fxfuse.split.split` (one column), and `fxfuse.split.check_parity` (its own column).
-Three groups of measurements:
+`fxfuse.split` and `fxfuse.inspect` always run the parity check, so two more columns
+add it in: plan/split with parity, and the total of every step. The baseline is one
+eager forward pass of the model at the same inputs, measured in the same run (warm,
+median of 3): ``total/fwd`` says how many forward passes the whole partition costs,
+which compares across machines and loads better than seconds do.
+Four groups of measurements:
 
 - every model of `tools.zoo.all_models()`, at its own example inputs;
+- the models of ``../shared/cases`` that fxfuse must inspect (``expect="inspect"``),
+  at their own example inputs;
 - resnet50 at 2x3x224x224, the reference point: trace + analyse + plan/split should
   take under `RESNET50_TARGET_S` seconds, warm (one run first, then the median of 3);
+  the parity check is reported beside it, and with it;
 - synthetic chains of residual blocks of about 1k, 5k and 20k nodes, built directly
   with the `torch.fx.Graph` API on a 2x4 tensor so that running them costs almost
   nothing. The analysis is timed, and the growth exponent ``b`` of
   ``time = a * nodes ** b`` is fitted on log-log axes: near 1 is linear. Plan and
-  split are timed once as well, and their exponent reported beside it.
+  split are timed once as well, and their exponent reported beside it. The
+  baseline is one forward pass of the chain's GraphModule (one Python call per
+  node), so ``analyse/fwd`` is the analysis cost per node in node executions.
 
     python tools/bench_partition.py                   # everything: bench/partition.json
     python tools/bench_partition.py --quick           # a few small models, 1k/5k graphs
 
 Imports and torch's first-call set-up are kept out of every timing by one warm-up
 run. Times are wall-clock seconds on the CPU; on a machine shared with other jobs
-they are noisy, so compare runs made under the same load (the JSON records the load
-average at the start).
+they are noisy, so compare ratios, or runs made under the same load (the JSON
+records the load average at the start, before resnet50 and at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import operator
 import os
@@ -68,6 +79,7 @@ QUICK_MODELS = (
 # Above this growth exponent the analysis is clearly super-linear in graph size.
 SUPERLINEAR_EXPONENT = 1.3
 DEFAULT_OUT = ROOT / "bench" / "partition.json"
+CASES_FILE = ROOT.parent / "shared" / "cases" / "cases.py"
 
 
 # ------------------------------------------------------------------------ timing
@@ -86,6 +98,24 @@ class StepSeconds:
     def partition(self) -> float:
         """Trace, analyse and plan/split: what `fxfuse.inspect` costs, less parity."""
         return self.trace + self.analyse + self.plan_split
+
+    @property
+    def split_with_parity(self) -> float:
+        """Plan/split and the parity check that `fxfuse.split` always runs."""
+        return self.plan_split + self.parity
+
+    @property
+    def total(self) -> float:
+        """Every step, parity included: what `fxfuse.inspect` costs."""
+        return self.partition + self.parity
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            **asdict(self),
+            "partition": self.partition,
+            "split_with_parity": self.split_with_parity,
+            "total": self.total,
+        }
 
 
 @dataclass
@@ -161,6 +191,8 @@ class ModelRow:
     chosen: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     partition_cpu_seconds: float | None = None
+    forward_seconds: float | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -172,7 +204,8 @@ def time_model(
     levels: int,
     repeats: int,
 ) -> ModelRow:
-    """Median step times of a model over `repeats` runs, each on a fresh build."""
+    """Median step times of a model over `repeats` runs, each on a fresh build,
+    and the baseline: one forward pass of the model at the same inputs."""
     row = ModelRow(name=name, family=family)
     runs, cpu = [], []
     try:
@@ -180,15 +213,37 @@ def time_model(
             found = partition(build(), inputs, levels, name)
             runs.append(found.seconds)
             cpu.append(found.partition_cpu)
+        forward = forward_seconds(build(), inputs)
     except Exception as error:  # one failing model must not stop the benchmark
         row.error = f"{type(error).__name__}: {_first_line(error)}"
         return row
     seconds = median_seconds(runs)
     row.tier, row.nodes = found.tier, found.nodes
     row.cut_points, row.chosen = found.cut_points, found.chosen
-    row.seconds = {**asdict(seconds), "partition": seconds.partition}
+    row.seconds = seconds.as_dict()
     row.partition_cpu_seconds = statistics.median(cpu)
+    row.forward_seconds = forward
+    row.ratios = {
+        "total_over_forward": seconds.total / forward,
+        "partition_over_forward": seconds.partition / forward,
+        "analyse_over_trace": seconds.analyse / seconds.trace,
+        "parity_over_forward": seconds.parity / forward,
+    }
     return row
+
+
+def forward_seconds(model: nn.Module, inputs: tuple, repeats: int = 3) -> float:
+    """One eager forward pass in eval mode: one run first, then the median of
+    `repeats`."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        model(*inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def zoo_rows(quick: bool, names: set[str] | None, levels: int, repeats: int):
@@ -208,6 +263,36 @@ def zoo_rows(quick: bool, names: set[str] | None, levels: int, repeats: int):
             entry.family,
             entry.build,
             entry.example_inputs(),
+            levels,
+            repeats,
+        )
+        print(" failed" if row.error else " done", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def case_rows(levels: int, repeats: int) -> list[ModelRow]:
+    """Time the cases of ``../shared/cases`` that fxfuse must inspect."""
+    if not CASES_FILE.exists():
+        print(f"  {CASES_FILE} is not there; no case rows", file=sys.stderr)
+        return []
+    spec = importlib.util.spec_from_file_location("shared_cases", CASES_FILE)
+    cases = importlib.util.module_from_spec(spec)
+    sys.modules["shared_cases"] = cases
+    spec.loader.exec_module(cases)
+
+    rows = []
+    for name, case in sorted(cases.CASES.items()):
+        if case.expect != "inspect":
+            continue
+        print(f"  case {name} ...", end="", flush=True, file=sys.stderr)
+        torch.manual_seed(0)
+        _, inputs = case.build()
+        row = time_model(
+            f"case:{name}",
+            "case",
+            lambda case=case: case.build()[0],
+            inputs,
             levels,
             repeats,
         )
@@ -299,6 +384,8 @@ class SyntheticRow:
     analyse_cpu_seconds: float
     runs: int
     plan_split_seconds: float
+    forward_seconds: float
+    analyse_over_forward: float
 
 
 def time_analysis(
@@ -320,6 +407,7 @@ def time_analysis(
     chosen = plan_cuts(analysis, levels)
     split(traced.graph_module, [c.node for c in chosen])
     plan_split_seconds = time.perf_counter() - start
+    forward = forward_seconds(model, inputs)
 
     return SyntheticRow(
         nodes=len(traced.graph_module.graph.nodes),
@@ -328,6 +416,8 @@ def time_analysis(
         analyse_cpu_seconds=statistics.median(cpu_times),
         runs=len(times),
         plan_split_seconds=plan_split_seconds,
+        forward_seconds=forward,
+        analyse_over_forward=statistics.median(times) / forward,
     )
 
 
@@ -351,16 +441,22 @@ def growth_exponent(
 # ------------------------------------------------------------------------ output
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages of the machine."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_start": list(load) if load else None,
+        "malloc": os.environ.get("LD_PRELOAD", "") or "default",
+        "malloc_conf": os.environ.get("MALLOC_CONF"),
+        "load_average_at_start": load_average(),
     }
 
 
@@ -383,16 +479,22 @@ def write_json(path: Path, data: dict) -> None:
 
 def print_models(rows: Sequence[ModelRow]) -> None:
     steps = ("trace", "analyse", "plan_split", "parity", "partition")
-    header = f"{'model':<24}{'family':<17}{'tier':<8}{'nodes':>6}{'cuts':>6}"
-    header += "".join(f"{s.replace('_', '+'):>11}" for s in steps)
+    steps += ("split_with_parity", "total")
+    titles = ("trace", "analyse", "plan+split", "parity", "no parity")
+    titles += ("split+par", "total")
+    header = f"{'model':<24}{'family':<16}{'tier':<10}{'nodes':>6}{'cuts':>6}"
+    header += "".join(f"{t:>11}" for t in titles)
+    header += f"{'forward':>10}{'total/fwd':>10}"
     print(header)
     for row in rows:
-        line = f"{row.name:<24}{row.family:<17}"
+        line = f"{row.name:<24}{row.family:<16}"
         if row.error:
             print(f"{line}FAILED: {row.error}")
             continue
-        line += f"{row.tier:<8}{row.nodes:>6}{row.cut_points:>6}"
+        line += f"{row.tier:<10}{row.nodes:>6}{row.cut_points:>6}"
         line += "".join(f"{row.seconds[s]:>11.3f}" for s in steps)
+        line += f"{row.forward_seconds:>10.4f}"
+        line += f"{row.ratios['total_over_forward']:>10.1f}"
         print(line)
 
 
@@ -408,19 +510,25 @@ def print_resnet50(row: ModelRow) -> None:
         f"analyse {s['analyse']:.3f}, plan+split {s['plan_split']:.3f}, "
         f"parity {s['parity']:.3f}; CPU time {row.partition_cpu_seconds:.3f})"
     )
+    print(
+        f"resnet50 with the parity check: split {s['split_with_parity']:.3f}, "
+        f"total {s['total']:.3f} s = {row.ratios['total_over_forward']:.1f} forward "
+        f"passes of {row.forward_seconds:.3f} s"
+    )
 
 
 def print_synthetic(rows: Sequence[SyntheticRow], exponents: dict) -> None:
     print(
         f"{'nodes':>7}{'cuts':>7}{'analyse s':>11}{'cpu s':>9}{'us/node':>9}"
-        f"{'runs':>6}{'plan+split s':>14}"
+        f"{'runs':>6}{'plan+split s':>14}{'forward s':>11}{'analyse/fwd':>13}"
     )
     for row in rows:
         per_node = 1e6 * row.analyse_seconds / row.nodes
         print(
             f"{row.nodes:>7}{row.cut_points:>7}{row.analyse_seconds:>11.3f}"
             f"{row.analyse_cpu_seconds:>9.3f}{per_node:>9.0f}{row.runs:>6}"
-            f"{row.plan_split_seconds:>14.3f}"
+            f"{row.plan_split_seconds:>14.3f}{row.forward_seconds:>11.4f}"
+            f"{row.analyse_over_forward:>13.1f}"
         )
     exponent = exponents["analyse"]
     if exponent is None:
@@ -488,7 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("zoo models ...", file=sys.stderr)
     rows = zoo_rows(args.quick, names, args.levels, args.repeats)
+    cases = []
+    if not names:
+        print("shared cases ...", file=sys.stderr)
+        cases = case_rows(args.levels, args.repeats)
     print("resnet50 at 224x224 ...", file=sys.stderr)
+    load_before_resnet50 = load_average()
     resnet50 = resnet50_row(args.levels)
     synthetic = []
     for size in sizes:
@@ -504,14 +617,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     resnet50_s = resnet50.seconds.get("partition")
     result = {
-        "machine": started,
+        "machine": {
+            **started,
+            "load_average_before_resnet50": load_before_resnet50,
+            "load_average_at_end": load_average(),
+        },
         "levels": args.levels,
         "quick": args.quick,
         "models": [asdict(r) for r in rows],
+        "cases": [asdict(r) for r in cases],
         "resnet50": {
             **asdict(resnet50),
             "input": list(RESNET50_INPUT),
             "trace_analyse_split_seconds": resnet50_s,
+            "with_parity_seconds": resnet50.seconds.get("total"),
             "target_seconds": RESNET50_TARGET_S,
             "met": resnet50_s is not None and resnet50_s <= RESNET50_TARGET_S,
         },
@@ -522,13 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_json(args.out, result)
 
-    print_models(rows + [resnet50])
+    print_models(rows + cases + [resnet50])
     print()
     print_resnet50(resnet50)
     print()
     print_synthetic(synthetic, exponents)
     print(f"\nwrote {args.out}")
-    failed = [r.name for r in rows + [resnet50] if r.error]
+    failed = [r.name for r in rows + cases + [resnet50] if r.error]
     return 1 if failed else 0
 
 
