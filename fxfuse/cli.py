@@ -211,7 +211,8 @@ def _add_fuse(commands) -> None:
         action="append",
         default=[],
         metavar="MODEL=PATH[,PATH...]",
-        help="cut a model at these module paths or nodes instead of choosing",
+        help="cut a model at these module paths or nodes instead of choosing (MODEL "
+        "as fxfuse fuse lists it, e.g. income_mlp8, or the model's file or spec)",
     )
     command.add_argument(
         "--input-map",
@@ -237,7 +238,7 @@ def _run_fuse(args) -> int:
     from .load import load_model
 
     tasks: dict[str, dict] = {}
-    by_key: dict[str, str] = {}
+    given: list[tuple[str, str, str]] = []  # (task, key in tasks[task], spec)
     for entry in args.task:
         task, _, specs = entry.partition("=")
         task = task.strip()
@@ -250,10 +251,10 @@ def _run_fuse(args) -> int:
         tasks[task] = {}
         for spec in (s.strip() for s in specs.split(",") if s.strip()):
             loaded = load_model(spec, allow_pickle=args.allow_pickle)
-            name = _unique_key(loaded.name, tasks[task])
-            tasks[task][name] = loaded
-            for key in (spec, loaded.name, name, f"{task}_{name}"):
-                by_key.setdefault(key, f"{task}_{name}")
+            key = _unique_key(loaded.name, tasks[task])
+            tasks[task][key] = loaded
+            given.append((task, key, spec))
+    by_key = _model_names(tasks, given)
     first = next(m for models in tasks.values() for m in models.values())
     inputs = _example_inputs(args.example_inputs, first)
     cuts = {}
@@ -284,6 +285,24 @@ def _run_fuse(args) -> int:
     print(format_fused(fused))
     print(f"\nwritten: {args.output}")
     return 0
+
+
+def _model_names(tasks: dict[str, dict], given: list[tuple[str, str, str]]) -> dict:
+    """The name `fuse` gives each model (``income_mlp8``), by every way --cuts and
+    --input-map may call it: that name, or else the spec, the file name, the file
+    stem or ``TASK_STEM`` of the first model called so."""
+    from pathlib import Path
+
+    from .generate import member_names
+
+    names = member_names(tasks)
+    by_key = {name: name for name in names}
+    for (task, key, spec), name in zip(given, names, strict=True):
+        stem = tasks[task][key].name
+        file_name = Path(spec).name if Path(spec).is_file() else spec
+        for alias in (spec, file_name, stem, key, f"{task}_{key}"):
+            by_key.setdefault(alias, name)
+    return by_key
 
 
 def _input_map(entries: Sequence[str], by_key: dict[str, str]) -> dict:

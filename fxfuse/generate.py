@@ -28,6 +28,12 @@ own dict, made before its first stage (a new dict; ``x`` is not written into)::
     income_dcn_x = fxfuse_generate_rename_keys(x, {'years': 'age'})
     income_dcn_cut1 = self.income_dcn.stage0(income_dcn_x)
 
+A model from a ``.pt2`` archive refuses a dict with keys it was not exported with, so
+it gets only its own keys (after any renaming)::
+
+    income_shop_x = fxfuse_generate_select_keys(x, ['age', 'shop'])
+    income_shop_cut1 = self.income_shop.stage0(income_shop_x)
+
 The models' stages are frozen and stay in eval mode whatever mode the fused model is
 in, so BatchNorm statistics and dropout of the trained models never drift.
 """
@@ -45,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .akf import AKF, HeadMixer, Member
@@ -123,6 +130,10 @@ class ModelInfo:
     levels: list[int] = field(default_factory=list)
     # Dict input keys this model reads under another name: its key -> fused key.
     inputs: dict[str, str] = field(default_factory=dict)
+    # The only keys (its own names) of each positional dict input that this model
+    # takes, None for an input it takes whole; empty when it takes every input
+    # whole. A model from a .pt2 archive takes exactly the keys it was exported with.
+    selected_keys: list[list[str] | None] = field(default_factory=list)
 
     def joins(self, level: int) -> bool:
         """Whether this model's value at `level` passes through that level's AKF."""
@@ -160,6 +171,14 @@ class FusionInfo:
     def renames(self, model: ModelInfo) -> dict[int, dict[str, str]]:
         """`model.inputs` by positional input: ``{position: {its key: fused key}}``."""
         return _by_position(model.inputs, self.input_keys)
+
+    def selections(self, model: ModelInfo) -> dict[int, list[str]]:
+        """`model.selected_keys` by positional input: ``{position: its keys}``."""
+        return {
+            i: list(keys)
+            for i, keys in enumerate(model.selected_keys)
+            if keys is not None
+        }
 
     def output_kind(self, task: str) -> str:
         """'probability' when every model of the task ends in a sigmoid/softmax."""
@@ -200,7 +219,9 @@ def fuse(
             by model name (``income_mlp8``): ``{its_key: fused_key}``. That model
             reads fused input `fused_key` as `its_key` (and no longer as
             `fused_key`; map ``{fused_key: fused_key}`` too to keep it); keys not
-            mentioned pass through unchanged. See `rename_keys`.
+            mentioned pass through unchanged. See `rename_keys`. A model that takes
+            only the keys it was exported with (from a ``.pt2`` archive) is given
+            only those (`select_keys`); other models get the whole dict.
 
     Returns:
         A GraphModule whose call returns ``{task: prediction}``. At initialisation
@@ -225,11 +246,17 @@ def fuse(
     input_keys = _input_keys(example_inputs)
     input_map = _checked_input_map(input_map or {}, names, input_keys)
 
-    # Each model is inspected on the inputs as it reads them (its keys renamed).
+    # Each model is inspected on the inputs as it reads them: its keys renamed, and
+    # only its own keys where it takes no others.
+    renames = {
+        name: _by_position(input_map.get(name, {}), input_keys) for name in names
+    }
+    selections = {
+        name: _selections(loaded, name, _as_read(example_inputs, renames[name]))
+        for name, _, loaded in members
+    }
     model_inputs = {
-        name: _renamed(
-            example_inputs, _by_position(input_map.get(name, {}), input_keys)
-        )
+        name: _as_read(example_inputs, renames[name], selections[name])
         for name in names
     }
     reports: list[Report] = []
@@ -254,6 +281,10 @@ def fuse(
     )
     for model in info.models:
         model.inputs = input_map.get(model.name, {})
+        if selections[model.name]:
+            model.selected_keys = [
+                selections[model.name].get(i) for i in range(len(example_inputs))
+            ]
     _check_predictions(info)
     stages = {m.name: r.stages for m, r in zip(info.models, reports, strict=True)}
     fused = build(info, stages)
@@ -323,7 +354,8 @@ class Alone(nn.Module):
     module that returns ``{task: prediction}`` like the fused model.
 
     `renames` are the model's renamed dict keys by input position (see
-    `FusionInfo.renames`): it takes the fused model's inputs.
+    `FusionInfo.renames`), and `selections` the only keys it takes (see
+    `FusionInfo.selections`): it takes the fused model's inputs.
     """
 
     def __init__(
@@ -331,18 +363,20 @@ class Alone(nn.Module):
         stages: Sequence[nn.Module],
         task: str,
         renames: Mapping[int, Mapping[str, str]] | None = None,
+        selections: Mapping[int, Sequence[str]] | None = None,
     ):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.task = task
         self.renames = {i: dict(r) for i, r in (renames or {}).items()}
+        self.selections = {i: list(k) for i, k in (selections or {}).items()}
 
     def train(self, mode: bool = True) -> Alone:
         self.training = mode  # the stages keep their eval mode
         return self
 
     def forward(self, *inputs):
-        inputs = _renamed(inputs, self.renames)
+        inputs = _as_read(inputs, self.renames, self.selections)
         return {self.task: chain(list(self.stages), *inputs)}
 
 
@@ -354,7 +388,7 @@ class Average(nn.Module):
         super().__init__()
         info = fused.fusion_info
         self.members = nn.ModuleList(
-            Alone(stages_of(fused, m.name), m.task, info.renames(m))
+            Alone(stages_of(fused, m.name), m.task, **_reading(info, m))
             for m in info.models
         )
 
@@ -369,17 +403,22 @@ def members_alone(fused: fx.GraphModule) -> dict[str, Alone]:
     """Each model of a fused model, runnable alone, by its name in the fused model."""
     info = fused.fusion_info
     return {
-        m.name: Alone(stages_of(fused, m.name), m.task, info.renames(m))
+        m.name: Alone(stages_of(fused, m.name), m.task, **_reading(info, m))
         for m in info.models
     }
 
 
+def _reading(info: FusionInfo, model: ModelInfo) -> dict:
+    """How `model` reads the fused inputs, as `Alone`'s keyword arguments."""
+    return {"renames": info.renames(model), "selections": info.selections(model)}
+
+
 def member_inputs(info: FusionInfo, name: str, inputs: tuple) -> tuple:
-    """The fused model's `inputs` as the model called `name` reads them, with the
-    dict keys it reads under other names renamed (`fuse`'s ``input_map``), in new
-    dicts."""
+    """The fused model's `inputs` as the model called `name` reads them, in new
+    dicts: the dict keys it reads under other names renamed (`fuse`'s
+    ``input_map``), and only its own keys where it takes no others."""
     model = next(m for m in info.models if m.name == name)
-    return _renamed(tuple(inputs), info.renames(model))
+    return _as_read(tuple(inputs), info.renames(model), info.selections(model))
 
 
 def _input_keys(example_inputs: tuple) -> list[list[str] | None]:
@@ -462,14 +501,99 @@ def rename_keys(inputs: dict, renames: Mapping[str, str]) -> dict:
     return renamed
 
 
-def _renamed(inputs: tuple, renames: Mapping[int, Mapping[str, str]]) -> tuple:
-    """`inputs` with each dict input named in `renames` renamed by `rename_keys`."""
-    if not renames:
+def select_keys(inputs: dict, keys: Sequence[str]) -> dict:
+    """A new dict of the values of `inputs` under `keys` only, in that order.
+
+    The fused graph calls this, after any `rename_keys`, for a model that takes only
+    some of the keys of a dict input: a model from a ``.pt2`` archive refuses a dict
+    with keys it was not exported with. Models that are Python code read the keys
+    they need and get the whole dict. Under ``torch.fx.symbolic_trace`` it records
+    itself as one call instead of running.
+
+    Example::
+
+        >>> select_keys({"age": 1, "shop": 2, "price": 3}, ["shop", "age"])
+        {'shop': 2, 'age': 1}
+    """
+    if isinstance(inputs, fx.Proxy):
+        return inputs.tracer.create_proxy(
+            "call_function", select_keys, (inputs, list(keys)), {}
+        )
+    return {key: inputs[key] for key in keys}
+
+
+def _as_read(
+    inputs: tuple,
+    renames: Mapping[int, Mapping[str, str]],
+    selections: Mapping[int, Sequence[str]] | None = None,
+) -> tuple:
+    """`inputs` as a model reads them: each dict input named in `renames` renamed by
+    `rename_keys`, then each named in `selections` cut to its keys by `select_keys`."""
+    selections = selections or {}
+    if not renames and not selections:
         return inputs
-    return tuple(
-        rename_keys(value, renames[i]) if i in renames else value
-        for i, value in enumerate(inputs)
-    )
+    read = list(inputs)
+    for i, value in enumerate(read):
+        if i in renames:
+            value = rename_keys(value, renames[i])
+        if i in selections:
+            value = select_keys(value, selections[i])
+        read[i] = value
+    return tuple(read)
+
+
+def _fixed_keys(model: nn.Module) -> dict[int, list[str]]:
+    """The keys of each positional dict input that `model` takes exactly.
+
+    A module from a ``.pt2`` archive (``program.module()``) checks its inputs
+    against the tree spec it was exported with and refuses a dict with other keys;
+    Python modules read what they need, so for them this is empty.
+    """
+    spec = getattr(model, "_in_spec", None)
+    if not isinstance(spec, pytree.TreeSpec):
+        return {}
+    try:  # the spec is of (args, kwargs)
+        args, _ = pytree.tree_unflatten([None] * spec.num_leaves, spec)
+    except (TypeError, ValueError):
+        return {}
+    return {
+        i: [str(key) for key in arg]
+        for i, arg in enumerate(args)
+        if isinstance(arg, dict)
+    }
+
+
+def _selections(loaded: LoadedModel, name: str, inputs: tuple) -> dict[int, list[str]]:
+    """The keys a model takes of each dict input where `inputs` (as it reads them)
+    hold more than it takes; empty for a model that takes any dict."""
+    selections = {}
+    for position, keys in _fixed_keys(loaded.model).items():
+        value = inputs[position] if position < len(inputs) else None
+        if not isinstance(value, dict):
+            continue
+        missing = [key for key in keys if key not in value]
+        if missing:
+            raise InputError(
+                f"model {name} ({loaded.source}) takes dict input keys "
+                f"{', '.join(keys)}, but the fused inputs lack {', '.join(missing)} "
+                f"(they have: {', '.join(map(str, value))}); add the missing keys to "
+                "the example inputs, or map each to a fused key with --input-map "
+                f"{name}:{missing[0]}=FUSED_KEY"
+            )
+        if set(value) != set(keys):
+            selections[position] = keys
+    return selections
+
+
+def member_names(tasks: Mapping[str, ModelsOfTask]) -> list[str]:
+    """The names `fuse` gives the models of `tasks` in the fused model, task by task
+    in the order given: lower case identifiers such as ``income_mlp8`` for a model
+    ``MLP8`` of task ``income``.
+
+    Raises:
+        FuseError: as `fuse` does for the same `tasks`.
+    """
+    return [name for name, _, _ in _members(tasks)]
 
 
 def _members(tasks: Mapping[str, ModelsOfTask]) -> list[tuple[str, str, LoadedModel]]:
@@ -786,14 +910,28 @@ def _model_arguments(
     graph: fx.Graph, info: FusionInfo, model: ModelInfo, inputs: list[fx.Node]
 ) -> list[fx.Node]:
     """The fused inputs as `model` reads them: a dict input whose keys it renames
-    becomes its own dict, ``income_years_x = ...rename_keys(x, {'years': 'age'})``."""
+    becomes its own dict, ``income_years_x = ...rename_keys(x, {'years': 'age'})``,
+    and one of which it takes only some keys is cut to those,
+    ``income_shop_x = ...select_keys(x, ['age', 'shop'])``."""
     arguments = list(inputs)
-    for position, renames in info.renames(model).items():
+    renames, selections = info.renames(model), info.selections(model)
+    for position in sorted({*renames, *selections}):
         source = inputs[position]
-        arguments[position] = graph.create_node(
-            "call_function",
-            rename_keys,
-            (source, dict(renames)),
-            name=f"{model.name}_{source.name}",
-        )
+        name = f"{model.name}_{source.name}"
+        value = source
+        if position in renames:
+            value = graph.create_node(
+                "call_function",
+                rename_keys,
+                (value, dict(renames[position])),
+                name=f"{name}_renamed" if position in selections else name,
+            )
+        if position in selections:
+            value = graph.create_node(
+                "call_function",
+                select_keys,
+                (value, list(selections[position])),
+                name=name,
+            )
+        arguments[position] = value
     return arguments
