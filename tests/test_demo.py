@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Each file and the step of the demo that writes it.
 WRITTEN_BY = {
-    "resnet.pt2": "training and export of the single-task models",
-    "vit.pt2": "training and export of the single-task models",
-    "mobilenet.pt2": "training and export of the single-task models",
+    "left/resnet.pt2": "training and export of the single-task models",
+    "left/vit.pt2": "training and export of the single-task models",
+    "left/mobilenet.pt2": "training and export of the single-task models",
+    "right/resnet.pt2": "training and export of the single-task models",
+    "right/mobilenet.pt2": "training and export of the single-task models",
     "shared_trunk.pt2": "training of the shared-trunk baseline",
     "resnet.svg": "fxfuse inspect --graph",
     "fused/manifest.json": "fxfuse fuse",
@@ -33,9 +35,11 @@ WRITTEN_BY = {
 
 # The tasks each row of the final table must score.
 ROW_TASKS = {
-    "resnet (single task)": ["left"],
-    "vit (single task)": ["left"],
-    "mobilenet (single task)": ["right"],
+    "resnet (left)": ["left"],
+    "vit (left)": ["left"],
+    "mobilenet (left)": ["left"],
+    "resnet (right)": ["right"],
+    "mobilenet (right)": ["right"],
     "uniform average": ["left", "right"],
     "shared trunk": ["left", "right"],
     "fused (fxfuse)": ["left", "right"],

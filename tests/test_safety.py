@@ -20,28 +20,22 @@ from fxfuse.train import TrainConfig, fit
 from tests.test_reliability import _archive, _one_line_error, fxfuse_cli
 
 
-def _marker_pickle(marker: Path) -> bytes:
-    """Pickle bytes whose loading creates `marker` (written by another process, so
-    that no class of this test is needed to build it)."""
-    out = marker.with_suffix(".bytes")
+def _code_running_bytes(marker: Path, module: str) -> bytes:
+    """Bytes written by ``pickle.dumps`` or ``torch.save`` (`module`) whose loading,
+    without weights_only, creates `marker`. Written by another process, so that no
+    class of this test is needed to build it."""
+    out = marker.with_suffix(f".{module}")
     script = (
-        "import pickle\n"
+        f"import {module}, io\n"
         "class M:\n"
         f"    def __reduce__(self): return (open, ({str(marker)!r}, 'w'))\n"
-        f"open({str(out)!r}, 'wb').write(pickle.dumps(M()))\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
-    return out.read_bytes()
-
-
-def _torch_saved_marker(marker: Path) -> bytes:
-    """A torch.save file whose loading (without weights_only) creates `marker`."""
-    out = marker.with_suffix(".pt")
-    script = (
-        "import torch\n"
-        "class M:\n"
-        f"    def __reduce__(self): return (open, ({str(marker)!r}, 'w'))\n"
-        f"torch.save(M(), {str(out)!r})\n"
+        "buffer = io.BytesIO()\n"
+        + (
+            "buffer.write(pickle.dumps(M()))\n"
+            if module == "pickle"
+            else "torch.save(M(), buffer)\n"
+        )
+        + f"open({str(out)!r}, 'wb').write(buffer.getvalue())\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     return out.read_bytes()
@@ -68,7 +62,7 @@ def test_an_archive_whose_sample_inputs_are_a_pickle_runs_no_code(tmp_path):
     path = Path(_archive(tmp_path, "a"))
     marker = tmp_path / "code-ran"
     _rewrite_archive(
-        path, {"sample_inputs/model.pt": _torch_saved_marker(marker)}, add={}
+        path, {"sample_inputs/model.pt": _code_running_bytes(marker, "torch")}, add={}
     )
 
     _one_line_error(fxfuse_cli("inspect", str(path)), "--allow-pickle")
@@ -79,7 +73,9 @@ def test_an_archive_holding_a_pickled_object_constant_is_refused(tmp_path):
     path = Path(_archive(tmp_path, "a"))
     marker = tmp_path / "code-ran"
     _rewrite_archive(
-        path, {}, add={"data/constants/opaque_obj_0": _marker_pickle(marker)}
+        path,
+        {},
+        add={"data/constants/opaque_obj_0": _code_running_bytes(marker, "pickle")},
     )
 
     with pytest.raises(LoadError, match="opaque_obj_0.*allow-pickle"):
@@ -96,7 +92,9 @@ def test_an_artifact_stage_holding_a_pickle_is_refused_without_running_it(tmp_pa
     marker = tmp_path / "code-ran"
     stage = next((folder / "stages").glob("*.pt2"))
     _rewrite_archive(
-        stage, {}, add={"data/constants/opaque_obj_0": _marker_pickle(marker)}
+        stage,
+        {},
+        add={"data/constants/opaque_obj_0": _code_running_bytes(marker, "pickle")},
     )
 
     with pytest.raises(ArtifactError, match="damaged"):

@@ -113,6 +113,7 @@ def export_archive(
         model, (batch,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
     )
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.pt2")
     torch.export.save(program, partial)
     partial.replace(path)
