@@ -713,6 +713,7 @@ def _results(
         "train_wall_seconds": train_wall,
         "wall_seconds": wall,
         "versions": {"torch": torch.__version__, "fxfuse": fxfuse.__version__},
+        "load_average_at_end": round(os.getloadavg()[0], 2),
     }
 
 
@@ -883,7 +884,8 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"Wall time: {results['wall_seconds'] / 60:.1f} min in all "
-        f"({results['train_wall_seconds'] / 60:.1f} min of training).",
+        f"({results['train_wall_seconds'] / 60:.1f} min of training); load "
+        f"average {results.get('load_average_at_end', float('nan')):.1f} at the end.",
         "",
     ]
     return "\n".join(lines)
