@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WRITTEN_BY = {
     "left/resnet.pt2": "training and export of the single-task models",
     "left/vit.pt2": "training and export of the single-task models",
-    "left/mobilenet.pt2": "training and export of the single-task models",
     "right/resnet.pt2": "training and export of the single-task models",
     "right/mobilenet.pt2": "training and export of the single-task models",
     "shared_trunk.pt2": "training of the shared-trunk baseline",
@@ -37,7 +36,6 @@ WRITTEN_BY = {
 ROW_TASKS = {
     "resnet (left)": ["left"],
     "vit (left)": ["left"],
-    "mobilenet (left)": ["left"],
     "resnet (right)": ["right"],
     "mobilenet (right)": ["right"],
     "uniform average": ["left", "right"],
