@@ -296,20 +296,15 @@ def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[st
         infer_kinds(fused, ["income", "never_married"], data.val)
         # {"income": "binary", "never_married": "binary"}
     """
-    check_fits(model, split)
-    rows = _to_device(split.take(slice(0, 2)), _device_of(model))
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        predictions = _outputs(model(*rows.args()))
-        model.train(was_training)
+    predictions = _outputs(check_fits(model, split))
     kinds = {}
     for task in tasks:
         if task not in predictions:
             raise InputError(
                 f"the model predicts {sorted(predictions)} but not task '{task}'"
             )
-        per_row = predictions[task].numel() // len(rows)
+        prediction = predictions[task]
+        per_row = prediction.numel() // max(len(prediction), 1)
         labels = split.labels.get(task)
         if per_row > 1:
             kinds[task] = "multiclass"
@@ -322,8 +317,9 @@ def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[st
     return kinds
 
 
-def check_fits(model: nn.Module, split: Split) -> None:
-    """Run `model` on two rows of `split`; raise an InputError if they do not fit.
+def check_fits(model: nn.Module, split: Split):
+    """Run `model` in eval mode on two rows of `split` and return its output;
+    raise an InputError if the rows do not fit it.
 
     The message names the inputs the data give and, for a fused model, the inputs
     it was built with.
@@ -335,7 +331,7 @@ def check_fits(model: nn.Module, split: Split) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(*rows.args())
+            return model(*rows.args())
     except Exception as error:
         built = getattr(model, "example_inputs", None)
         expected = f"; it was built for {describe_inputs(built)}" if built else ""
