@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="progress logs; tracebacks"
     )
-    # The same flag after the command adds to the count given before it.
+    # The same flag is accepted after the command too.
     verbose = _Parser(add_help=False)
     verbose.add_argument(
         "-v",
