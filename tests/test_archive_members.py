@@ -76,7 +76,7 @@ def test_archives_reading_different_keys_each_get_their_own_keys(tmp_path):
     other = _features(UNION, batch=9, seed=3)
 
     _assert_own_outputs(fused, ages, prices, other)
-    assert "income_one_x = fxfuse_generate_select_keys(x, ['age', 'shop'])" in (
+    assert "income_one_x = fxfuse_inputs_select_keys(x, ['age', 'shop'])" in (
         fused.code
     )
     assert [m.selected_keys for m in fused.fusion_info.models] == [
@@ -117,10 +117,8 @@ def test_an_archive_with_a_renamed_key_is_renamed_then_cut_to_its_keys(tmp_path)
     )
 
     code = fused.code
-    assert "income_years_x_renamed = fxfuse_generate_rename_keys(x, {'years'" in code
-    assert "income_years_x = fxfuse_generate_select_keys(income_years_x_renamed" in (
-        code
-    )
+    assert "income_years_x_renamed = fxfuse_inputs_rename_keys(x, {'years'" in code
+    assert "income_years_x = fxfuse_inputs_select_keys(income_years_x_renamed" in (code)
     other = _features(UNION, batch=7, seed=2)
     with torch.no_grad():
         want = years({"shop": other["shop"], "years": other["age"]})

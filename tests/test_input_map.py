@@ -56,7 +56,7 @@ def test_models_reading_a_column_under_different_names_start_as_their_mean(tmp_p
     with torch.no_grad():
         got = fused(other)["income"]
     assert (got - want).abs().max() <= 1e-6
-    renaming = "income_years_x = fxfuse_generate_rename_keys(x, {'years': 'age'})"
+    renaming = "income_years_x = fxfuse_inputs_rename_keys(x, {'years': 'age'})"
     assert renaming in fused.code
     assert "years" not in other  # the caller's dict is not written into
     with torch.no_grad():
