@@ -2,8 +2,10 @@
 
 The steps, one module each: `load` (safe loading), `trace` (tiers), `analyse` (cut
 points), `plan` (which cuts), `split` (stages), `report` (`inspect`), `generate`
-(`fuse`), `artifact` (`save`/`load`), `train` (`fit`, `evaluate`), `export`
-(`export_onnx`, `export_pt2`). Data sets are in `fxfuse.data`.
+(`fuse`; with `akf` for the fusion modules and `inputs` for how each model reads
+the fused inputs), `artifact` (`save`/`load`), `train` (`fit`, `evaluate`; with
+`heads` for the head mixing's start), `export` (`export_onnx`, `export_pt2`).
+Data sets are in `fxfuse.data`.
 """
 
 from . import data
