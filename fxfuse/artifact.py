@@ -57,7 +57,7 @@ def save(
             artifact and would be replaced.
     """
     target = Path(directory)
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     info: FusionInfo = fused.fusion_info
     inputs = tuple(example_inputs or fused.example_inputs)
 
@@ -193,6 +193,11 @@ def _read_file(path: Path, read):
 def read_manifest(root: Path) -> dict:
     """The manifest of an artifact folder, checked for format."""
     path = root / MANIFEST
+    if root.is_file():
+        raise ArtifactError(
+            f"'{root}' is a file, not an artifact folder; give the folder written by "
+            "fxfuse fuse"
+        )
     if not root.is_dir():
         raise ArtifactError(f"artifact folder '{root}' does not exist; run fxfuse fuse")
     if not path.is_file():
@@ -214,7 +219,13 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_target(target: Path, overwrite: bool) -> None:
+    """Raise an ArtifactError if `save` would refuse to write to `target`."""
+    if target.is_file():
+        raise ArtifactError(
+            f"'{target}' is a file; an artifact is a folder, so give a folder path "
+            "(an existing file is never replaced)"
+        )
     if not target.exists():
         return
     if not overwrite:

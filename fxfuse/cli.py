@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -36,16 +37,56 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message}; see '{self.prog} --help'")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer of at least `low`."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a whole number"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    integer.__name__ = f"integer of at least {low}"
+    return integer
+
+
+def _finite(*, positive: bool):
+    """An argparse type: a finite number, above 0 if `positive`, else at least 0."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "above 0" if positive else "0 or more"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound}")
+        return value
+
+    number.__name__ = "positive number" if positive else "number"
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # Point at the command's own help, where its flags are listed.
+            command = getattr(args, "command_parser", parser)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
     except _UsageError as error:
         print(f"fxfuse: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _configure_logging(args.verbose)
     if not getattr(args, "command", None):
-        parser.print_help()
+        parser.print_usage(sys.stderr)
+        print("fxfuse: error: give a command; see 'fxfuse --help'", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return args.run(args) or 0
@@ -111,7 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=_Parser
     )
-    commands.add_parser = functools.partial(commands.add_parser, parents=[verbose])
+    add_parser = functools.partial(commands.add_parser, parents=[verbose])
+
+    def add_command(*args, **kwargs):
+        command = add_parser(*args, **kwargs)
+        command.set_defaults(command_parser=command)
+        return command
+
+    commands.add_parser = add_command
     _add_inspect(commands)
     _add_fuse(commands)
     _add_train(commands)
@@ -144,7 +192,9 @@ def _add_inspect(commands) -> None:
         "model", help="model.pt2, module:factory[@weights], or model.pt"
     )
     _common_model_options(command)
-    command.add_argument("--levels", type=int, default=3, help="cuts in the split (3)")
+    command.add_argument(
+        "--levels", type=_at_least(0), default=3, help="cuts in the split (3)"
+    )
     command.add_argument(
         "--cuts", help="module paths or node names to cut at, comma-separated"
     )
@@ -159,12 +209,20 @@ def _add_inspect(commands) -> None:
 
 
 def _run_inspect(args) -> int:
+    from .errors import InputError
     from .load import load_model
     from .report import inspect
 
     loaded = load_model(args.model, allow_pickle=args.allow_pickle)
     inputs = _example_inputs(args.example_inputs, loaded)
-    cuts = [c.strip() for c in args.cuts.split(",")] if args.cuts else None
+    cuts = None
+    if args.cuts is not None:
+        cuts = [c.strip() for c in args.cuts.split(",") if c.strip()]
+        if not cuts:
+            raise InputError(
+                f"--cuts '{args.cuts}' names no cut; give module paths or node "
+                "names, comma-separated"
+            )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = inspect(
@@ -205,7 +263,9 @@ def _add_fuse(commands) -> None:
         help="a task and its models (repeat for each task)",
     )
     _common_model_options(command)
-    command.add_argument("--levels", type=int, default=3, help="fusion levels (3)")
+    command.add_argument(
+        "--levels", type=_at_least(1), default=3, help="fusion levels (3)"
+    )
     command.add_argument(
         "--cuts",
         action="append",
@@ -222,8 +282,15 @@ def _add_fuse(commands) -> None:
         help="a model reads dict input FUSED_KEY under its own key ITS_KEY (repeat "
         "per model; MODEL as fxfuse fuse lists it, e.g. income_mlp8)",
     )
-    command.add_argument("--width", type=int, default=64, help="AKF token width (64)")
-    command.add_argument("--heads", type=int, default=4, help="AKF attention heads (4)")
+    command.add_argument(
+        "--width", type=_at_least(1), default=64, help="AKF token width (64)"
+    )
+    command.add_argument(
+        "--heads",
+        type=_at_least(1),
+        default=4,
+        help="AKF attention heads (4); the width must be a multiple of it",
+    )
     command.add_argument("-o", "--output", required=True, help="artifact folder")
     command.add_argument(
         "--force", action="store_true", help="replace an existing artifact"
@@ -232,10 +299,14 @@ def _add_fuse(commands) -> None:
 
 
 def _run_fuse(args) -> int:
-    from .artifact import save
+    from pathlib import Path
+
+    from .artifact import check_target, save
     from .errors import InputError
     from .generate import fuse
     from .load import load_model
+
+    check_target(Path(args.output), overwrite=args.force)  # before any work
 
     tasks: dict[str, dict] = {}
     given: list[tuple[str, str, str]] = []  # (task, key in tasks[task], spec)
@@ -257,15 +328,7 @@ def _run_fuse(args) -> int:
     by_key = _model_names(tasks, given)
     first = next(m for models in tasks.values() for m in models.values())
     inputs = _example_inputs(args.example_inputs, first)
-    cuts = {}
-    for entry in args.cuts:
-        key, _, paths = entry.partition("=")
-        if key not in by_key:
-            raise InputError(
-                f"--cuts names model '{key}', which no --task gives; the models are "
-                f"{sorted(set(by_key.values()))}"
-            )
-        cuts[by_key[key]] = [p.strip() for p in paths.split(",") if p.strip()]
+    cuts = _fuse_cuts(args.cuts, by_key)
     input_map = _input_map(args.input_map, by_key)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -285,6 +348,33 @@ def _run_fuse(args) -> int:
     print(format_fused(fused))
     print(f"\nwritten: {args.output}")
     return 0
+
+
+def _fuse_cuts(entries: Sequence[str], by_key: dict[str, str]) -> dict:
+    """``--cuts MODEL=PATH[,PATH...]`` entries as ``fuse``'s `cuts`."""
+    from .errors import InputError
+
+    cuts: dict[str, list[str]] = {}
+    for entry in entries:
+        key, _, paths = (part.strip() for part in entry.partition("="))
+        chosen = [p.strip() for p in paths.split(",") if p.strip()]
+        if not key or not chosen:
+            raise InputError(
+                f"--cuts '{entry}' is not MODEL=PATH[,PATH...]; for example "
+                "--cuts income_mlp8=mlp.0,mlp.3"
+            )
+        if key not in by_key:
+            raise InputError(
+                f"--cuts names model '{key}', which no --task gives; the models are "
+                f"{sorted(set(by_key.values()))}"
+            )
+        if by_key[key] in cuts:
+            raise InputError(
+                f"--cuts gives model '{by_key[key]}' twice; give all its cuts in one "
+                "entry, comma-separated"
+            )
+        cuts[by_key[key]] = chosen
+    return cuts
 
 
 def _model_names(tasks: dict[str, dict], given: list[tuple[str, str, str]]) -> dict:
@@ -343,7 +433,7 @@ def _data_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--subset",
-        type=int,
+        type=_at_least(1),
         metavar="N",
         help="use N training rows and N/4 validation and test rows (quick runs)",
     )
@@ -402,13 +492,18 @@ def _add_train(commands) -> None:
     )
     command.add_argument("artifact", help="folder written by fxfuse fuse")
     _data_options(command)
-    command.add_argument("--epochs", type=int, default=10)
-    command.add_argument("--batch-size", type=int, default=1024)
-    command.add_argument("--lr", type=float, default=1e-3)
-    command.add_argument("--patience", type=int, default=3)
+    command.add_argument("--epochs", type=_at_least(1), default=10)
+    command.add_argument("--batch-size", type=_at_least(1), default=1024)
+    command.add_argument("--lr", type=_finite(positive=True), default=1e-3)
+    command.add_argument(
+        "--patience",
+        type=_at_least(1),
+        default=3,
+        help="stop after this many epochs without a better validation score (3)",
+    )
     command.add_argument("--seed", type=int, default=0)
     command.add_argument(
-        "--max-steps", type=int, help="at most this many steps per epoch"
+        "--max-steps", type=_at_least(1), help="at most this many steps per epoch"
     )
     command.add_argument(
         "--unfreeze",
@@ -444,7 +539,15 @@ def _run_train(args) -> int:
     if args.unfreeze:
         unfreeze(fused, args.unfreeze)
     folder = Path(args.artifact) / "train"
+    finished = (folder / "done.json").exists() and not args.restart
     resuming = (folder / "last.pt").exists() and not args.restart
+    if finished:
+        print(
+            f"training in {folder} has already finished; its best weights are saved "
+            "again (run with --restart to train anew)"
+        )
+    elif resuming:
+        print(f"resuming the interrupted training in {folder}")
     if args.head_start != "uniform" and not resuming:
         weights = weigh_heads(fused, data.val, tasks, method=args.head_start)
         for task, by_model in weights.items():
@@ -550,18 +653,31 @@ def _add_export(commands) -> None:
     )
     command.add_argument(
         "--tolerance",
-        type=float,
+        type=_finite(positive=False),
         default=1e-4,
         help="largest absolute difference allowed (1e-4)",
+    )
+    command.add_argument(
+        "--force", action="store_true", help="replace an existing output file"
     )
     command.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
+    from pathlib import Path
+
     from .artifact import load
-    from .errors import ExportError
+    from .errors import ExportError, InputError
     from .export import export
 
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"'{output}' is a folder; give a file such as fused.onnx")
+    if output.exists() and not args.force:
+        raise InputError(
+            f"'{output}' already exists; pass --force to replace it, or choose "
+            "another file"
+        )
     fused = load(args.artifact)
     try:
         report = export(fused, None, args.output, tolerance=args.tolerance)

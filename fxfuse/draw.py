@@ -20,12 +20,9 @@ their own, and the graph's label says that it was collapsed.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
-import os
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ import torch.fx as fx
 
 from .analyse import module_path
 from .errors import FxfuseError, InputError
+from .files import write_bytes
 from .split import needed_nodes, stage_of
 
 if TYPE_CHECKING:
@@ -109,12 +107,12 @@ def draw(report: Report, path: str | Path) -> Path:
 
     picture = to_graphviz(report)
     if suffix == ".dot":
-        _write_atomically(path, picture.source.encode())
+        write_bytes(path, picture.source.encode())
         return path
 
     if shutil.which("dot") is None:
         dot_path = path.with_suffix(".dot")
-        _write_atomically(dot_path, picture.source.encode())
+        write_bytes(dot_path, picture.source.encode())
         log.warning(
             "graphviz's `dot` program is missing, so %s was not rendered; wrote the "
             "DOT text to %s instead (install it with `apt-get install graphviz`)",
@@ -130,7 +128,7 @@ def draw(report: Report, path: str | Path) -> Path:
             f"graphviz's `dot` could not render {path}: {error}; write a .dot file "
             "instead and render it yourself"
         ) from error
-    _write_atomically(path, data)
+    write_bytes(path, data)
     return path
 
 
@@ -485,18 +483,3 @@ def _graph_label(report: Report, nodes: int, boxes: int | None) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'s' * (number != 1)}"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

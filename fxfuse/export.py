@@ -50,6 +50,7 @@ from torch.utils import _pytree as pytree
 
 from ._version import __version__
 from .errors import ExportError
+from .files import write_text
 
 log = logging.getLogger("fxfuse")
 
@@ -696,18 +697,8 @@ def _write_side_file(
         ],
         "versions": _versions(report.format),
     }
-    target = _side_file(report.path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(document, file, indent=2)
-            file.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(document, indent=2) + "\n"
+    write_text(_side_file(report.path), text)
 
 
 def _output_shape(tensor: torch.Tensor, others: list[torch.Tensor]) -> list:

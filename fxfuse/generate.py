@@ -236,12 +236,14 @@ def fuse(
         each task's prediction is the (weighted) mean of its models' predictions.
 
     Raises:
-        FuseError: a task has no model, a model is given twice, predictions of one
-            task differ in shape, a model has fewer cut points than `levels`, or
+        FuseError: levels, width or heads are not positive or width is not a
+            multiple of heads, a task has no model, a model is given twice,
+            predictions of one task differ in shape, a model has fewer cut points than `levels`, or
             `cuts` or `input_map` name an unknown model.
         InputError: the example inputs do not fit a model, or `input_map` names a
             fused input key that the example inputs do not have.
     """
+    _check_settings(levels, width, heads)
     example_inputs = tuple(example_inputs)
     members = _members(tasks)
     names = [name for name, _, _ in members]
@@ -295,6 +297,19 @@ def fuse(
     fused = build(info, stages)
     fused.keep("example_inputs", example_inputs)
     return fused
+
+
+def _check_settings(levels: int, width: int, heads: int) -> None:
+    """Refuse sizes the AKF modules cannot have, before any model is traced."""
+    if levels < 1:
+        raise FuseError(f"levels={levels}: fusion needs at least 1 level (cut)")
+    if width < 1 or heads < 1:
+        raise FuseError(f"AKF width={width} and heads={heads} must both be at least 1")
+    if width % heads:
+        raise FuseError(
+            f"AKF width={width} is not a multiple of heads={heads}; choose a width "
+            "divisible by the number of heads (e.g. width 64, heads 4)"
+        )
 
 
 def build(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -41,6 +42,9 @@ from .errors import InputError, LoadError
 from .trace import quiet_torch_logs
 
 MIN_BATCH = 2
+# Example inputs made from shapes are random tensors; refuse sizes that would not fit
+# in memory rather than fail inside torch.
+MAX_EXAMPLE_ELEMENTS = 2**28
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
 _FEATURE = re.compile(r"^(?P<name>[^=,]+)=(?P<kind>int|float)(?P<high>\d*)$")
 
@@ -338,6 +342,7 @@ def parse_example_inputs(spec: str, seed: int = 0) -> tuple:
         inputs = _inputs_from_file(_existing(spec, "example inputs"))
     elif all(_SHAPE.match(part) for part in spec.split(",")):
         shapes = [[int(d) for d in part.split("x")] for part in spec.split(",")]
+        _check_shapes(spec, shapes)
         inputs = tuple(torch.randn(*shape, generator=generator) for shape in shapes)
     elif all(_FEATURE.match(part) for part in spec.split(",")):
         inputs = (_features(spec, generator),)
@@ -348,6 +353,21 @@ def parse_example_inputs(spec: str, seed: int = 0) -> tuple:
         )
     check_batch(inputs)
     return inputs
+
+
+def _check_shapes(spec: str, shapes: list[list[int]]) -> None:
+    if any(0 in shape for shape in shapes):
+        raise InputError(
+            f"example input shapes '{spec}' have a dimension of 0; give sizes of at "
+            "least 1, e.g. 2x3x224x224"
+        )
+    elements = sum(math.prod(shape) for shape in shapes)
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise InputError(
+            f"example input shapes '{spec}' make {elements:,} numbers, more than "
+            f"{MAX_EXAMPLE_ELEMENTS:,}; a batch of 2 and a smaller size are enough "
+            "to trace a model"
+        )
 
 
 def _inputs_from_file(path: Path) -> tuple:
@@ -374,6 +394,11 @@ def _features(spec: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         match = _FEATURE.match(part)
         name, kind, high = match["name"], match["kind"], match["high"]
         if kind == "int":
+            if high and int(high) < 1:
+                raise InputError(
+                    f"feature '{part}' has an empty vocabulary (intN draws ids 0 to "
+                    f"N-1); give the vocabulary size, e.g. {name}=int10"
+                )
             features[name] = torch.randint(
                 0, int(high or 2), (MIN_BATCH,), generator=generator
             )

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from .data._split import Split
 from .errors import FxfuseError, InputError
+from .files import write_atomically, write_text
 from .metrics import KINDS, OUTPUT_KINDS, flat_prediction, mean_score, task_metric
 
 __all__ = ["FitResult", "TrainConfig", "evaluate", "fit", "loss_for", "predict"]
@@ -121,6 +122,13 @@ class TrainConfig:
                 )
         if self.max_steps is not None and self.max_steps < 1:
             raise FxfuseError(f"max_steps must be at least 1, not {self.max_steps}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise FxfuseError(f"lr must be a finite number, 0 or more, not {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise FxfuseError(
+                f"weight_decay must be a finite number, 0 or more, not "
+                f"{self.weight_decay}"
+            )
 
 
 @dataclass
@@ -264,7 +272,7 @@ def evaluate(
     """
     tasks = _kinds_of(model, tasks, split)
     _check_tasks(tasks, {"": split})
-    check_fits(model, split)
+    _check_kinds_fit(_outputs(check_fits(model, split)), tasks)
     kinds = _output_kinds(model, tasks, output_kinds)
     predictions = predict(model, split, batch_size)
     metrics = {}
@@ -315,6 +323,25 @@ def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[st
         else:
             kinds[task] = "regression"
     return kinds
+
+
+def _check_kinds_fit(predictions: Mapping[str, Tensor], tasks: Mapping[str, str]):
+    """A multi-class task needs several values per row, the others one."""
+    for task, kind in tasks.items():
+        prediction = predictions.get(task)
+        if prediction is None:
+            continue  # reported with the list of predicted tasks where it matters
+        per_row = prediction.numel() // max(len(prediction), 1)
+        if kind == "multiclass" and per_row < 2:
+            raise InputError(
+                f"task '{task}' is multiclass but the model predicts one value per "
+                "row; give it the kind binary or regression"
+            )
+        if kind != "multiclass" and per_row > 1:
+            raise InputError(
+                f"task '{task}' is {kind} but the model predicts {per_row} values per "
+                "row; give it the kind multiclass"
+            )
 
 
 def check_fits(model: nn.Module, split: Split):
@@ -409,14 +436,14 @@ def fit(
     config = config or TrainConfig()
     tasks = _kinds_of(model, tasks, train)
     _check_tasks(tasks, {"train": train, "val": val})
-    check_fits(model, val)
+    _check_kinds_fit(_outputs(check_fits(model, val)), tasks)
     kinds = _output_kinds(model, tasks, output_kinds)
     losses = {task: loss_for(kind, kinds[task]) for task, kind in tasks.items()}
     weights = _task_weights(config, tasks)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     if folder is not None and (folder / DONE).is_file() and not restart:
-        return _finished_run(model, folder, tasks)
+        return _finished_run(model, folder, tasks, _rows(train, val))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -435,7 +462,9 @@ def fit(
         steps_per_epoch = _steps_per_epoch(len(train), config, ranks.world)
         torch.manual_seed(config.seed)
 
-        run = _load_checkpoint(folder, model, optimizer, tasks, config)
+        run = _load_checkpoint(
+            folder, model, optimizer, tasks, config, _rows(train, val)
+        )
         if run is None:
             initial = _validate(model, val, tasks, kinds, config, ranks)
             run = _Run.start(model, initial, mean_score(initial, tasks))
@@ -481,7 +510,8 @@ def fit(
         result = run.result()
         if ranks.rank == 0 and folder is not None:
             _save_checkpoint(folder, context, run)
-            _write_json(folder / DONE, {"tasks": tasks, **result.to_json()})
+            done = {"tasks": tasks, "rows": _rows(train, val), **result.to_json()}
+            _write_json(folder / DONE, done)
         return result
     finally:
         ranks.leave()
@@ -748,6 +778,7 @@ def _save_checkpoint(folder: Path, context: _Context, run: _Run) -> None:
     checkpoint = {
         "format": _CHECKPOINT_FORMAT,
         "tasks": dict(context.tasks),
+        "rows": _rows(context.train, context.val),
         "config": asdict(context.config),
         "model": context.model.state_dict(),
         "optimizer": context.optimizer.state_dict(),
@@ -757,7 +788,7 @@ def _save_checkpoint(folder: Path, context: _Context, run: _Run) -> None:
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / CHECKPOINT, lambda path: torch.save(checkpoint, path))
+    write_atomically(folder / CHECKPOINT, lambda path: torch.save(checkpoint, path))
 
 
 def _load_checkpoint(
@@ -766,17 +797,14 @@ def _load_checkpoint(
     optimizer: torch.optim.Optimizer,
     tasks: dict[str, str],
     config: TrainConfig,
+    rows: dict[str, int],
 ) -> _Run | None:
     """Restore model, optimizer, RNG and run from ``last.pt``; None if absent."""
     if folder is None or not (folder / CHECKPOINT).is_file():
         return None
     path = folder / CHECKPOINT
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("tasks") != tasks:
-        raise FxfuseError(
-            f"{path} trains tasks {checkpoint.get('tasks')}, not {tasks}; resume "
-            "with the same tasks, or use another checkpoint folder"
-        )
+    _check_same_run(path, checkpoint, tasks, rows)
     changed = [
         name
         for name in _TRAJECTORY_SETTINGS
@@ -799,20 +827,43 @@ def _load_checkpoint(
     return run
 
 
-def _finished_run(model: nn.Module, folder: Path, tasks: dict[str, str]) -> FitResult:
+def _finished_run(
+    model: nn.Module, folder: Path, tasks: dict[str, str], rows: dict[str, int]
+) -> FitResult:
     """The stored result of a finished run, with its final weights loaded."""
     done = json.loads((folder / DONE).read_text())
-    if done.get("tasks") != tasks:
-        raise FxfuseError(
-            f"{folder / DONE} records a run of tasks {done.get('tasks')}, not "
-            f"{tasks}; use another checkpoint folder"
-        )
+    _check_same_run(folder / DONE, done, tasks, rows)
     path = folder / CHECKPOINT
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     with _checkpoint_of_this_model(path):
         model.load_state_dict(checkpoint["model"])
     logger.info("%s: training already finished; loaded its weights", folder)
     return FitResult.from_json(done)
+
+
+def _rows(train: Split, val: Split) -> dict[str, int]:
+    """The sizes of the splits, recorded so that a resumed run can tell whether it
+    is given the same data."""
+    return {"train": len(train), "val": len(val)}
+
+
+def _check_same_run(
+    path: Path, recorded: dict, tasks: dict[str, str], rows: dict[str, int]
+) -> None:
+    """Refuse to resume (or reuse) a run of other tasks or other data."""
+    if recorded.get("tasks") != tasks:
+        raise FxfuseError(
+            f"{path} records a run of tasks {recorded.get('tasks')}, not {tasks}; "
+            "give the same tasks, or start again with --restart (restart=True)"
+        )
+    before = recorded.get("rows")
+    if before is not None and before != rows:
+        raise FxfuseError(
+            f"{path} records a run on {before['train']} training and {before['val']} "
+            f"validation rows, but this run has {rows['train']} and {rows['val']}; "
+            "give the same data (and --subset), or start again with --restart "
+            "(restart=True)"
+        )
 
 
 @contextlib.contextmanager
@@ -824,8 +875,8 @@ def _checkpoint_of_this_model(path: Path) -> Iterator[None]:
         first = str(error).splitlines()[0]
         raise FxfuseError(
             f"{path} was written for another model or other trainable parameters "
-            f"({first}); resume with the same model and unfreeze setting, or use "
-            "another checkpoint folder (or delete it) to start again"
+            f"({first}); resume with the same model and unfreeze setting, or start "
+            "again with --restart (restart=True)"
         ) from None
 
 
@@ -833,23 +884,13 @@ def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))
+    write_text(path, json.dumps(data, indent=2))
 
 
 def _write_lines(path: Path, lines: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(line) + "\n" for line in lines)
-    _atomic_write(path, lambda p: p.write_text(text))
+    write_text(path, text)
 
 
 def _append_line(path: Path, line: dict) -> None:

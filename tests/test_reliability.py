@@ -475,3 +475,17 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert "resum" in resumed.stderr.lower()
     assert (out / "train" / "done.json").exists()
+
+    # Running the finished command again trains nothing and says so.
+    again = subprocess.run(train, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "has already finished" in again.stdout
+    assert "--restart" in again.stdout
+
+    # Other data than the run was trained on: refused, pointing at --restart.
+    other = ["512" if arg == "1024" else arg for arg in train if arg != "-v"]
+    refused = subprocess.run(other, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2, refused.stderr
+    assert "1024 training and 256 validation rows" in refused.stderr
+    assert "this run has 512 and 128" in refused.stderr
+    assert "--restart" in refused.stderr

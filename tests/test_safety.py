@@ -137,7 +137,7 @@ def test_a_module_that_does_not_import_names_its_line(tmp_path):
 
 def test_unreadable_arguments_are_one_line_naming_the_command():
     result = fxfuse_cli("inspect", "--levels", "three", "model.pt2")
-    _one_line_error(result, "--levels", "invalid int value", "fxfuse inspect --help")
+    _one_line_error(result, "--levels", "not a whole number", "fxfuse inspect --help")
 
 
 def test_verbose_after_the_command_shows_the_traceback(tmp_path):

@@ -466,7 +466,8 @@ def test_resuming_another_models_checkpoint_is_an_error_that_says_what_to_do(
     fit(SmallNet(), train, val, {"y": "binary"}, config, checkpoint_dir=tmp_path)
     (tmp_path / "done.json").unlink()  # as if interrupted before the end
     with pytest.raises(FxfuseError, match="another model.*start again"):
-        fit(Slope(), train, val, {"y": "binary"}, config, checkpoint_dir=tmp_path)
+        other = SmallNet(tasks=("y", "z"))  # one more head: other parameters
+        fit(other, train, val, {"y": "binary"}, config, checkpoint_dir=tmp_path)
 
 
 # Distributed
