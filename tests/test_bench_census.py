@@ -25,6 +25,8 @@ EXPECTED_ROWS = {
     "PLE",
     "average of (4 MLPs)",
     "fxfuse (4 MLPs)",
+    "average of (4 MLPs, fitted heads)",
+    "fxfuse (4 MLPs, fitted heads)",
     "average of (heterogeneous)",
     "fxfuse (heterogeneous)",
 }

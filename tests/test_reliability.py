@@ -450,8 +450,12 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
         "multifashion",
         "--subset",
         "1024",
+        # Enough epochs (each takes well under a second) that the interrupt
+        # lands while training, not after it.
         "--epochs",
-        "6",
+        "150",
+        "--patience",
+        "150",
         "--max-steps",
         "10",
         "--batch-size",
