@@ -747,8 +747,9 @@ def _epoch_batches(
 def _steps_per_epoch(rows: int, config: TrainConfig, world: int) -> int:
     if config.batch_size < world:
         raise FxfuseError(
-            f"batch_size {config.batch_size} is smaller than the {world} ranks; "
-            "give each rank at least one row per step"
+            f"batch size {config.batch_size} is smaller than the {world} ranks; "
+            "give each rank at least one row per step (--batch-size, or batch_size "
+            "in TrainConfig)"
         )
     full, rest = divmod(rows, config.batch_size)
     steps = full + (rest >= world)

@@ -155,30 +155,23 @@ def test_a_multiclass_kind_for_a_one_value_head_is_refused():
 
 
 def test_resuming_with_other_rows_is_refused_until_restarted(tmp_path):
-    folder = tmp_path / "run"
     config = TrainConfig(epochs=1, batch_size=16, progress=False)
-    fit(
-        _fused(), _split(64), _split(32), {"t": "binary"}, config, checkpoint_dir=folder
-    )
-    with pytest.raises(fxfuse.FxfuseError, match="64 training and 32 validation rows"):
-        fit(
+
+    def train(rows: int, restart: bool = False):
+        return fit(
             _fused(),
-            _split(48),
+            _split(rows),
             _split(32),
             {"t": "binary"},
             config,
-            checkpoint_dir=folder,
+            checkpoint_dir=tmp_path / "run",
+            restart=restart,
         )
-    result = fit(
-        _fused(),
-        _split(48),
-        _split(32),
-        {"t": "binary"},
-        config,
-        checkpoint_dir=folder,
-        restart=True,
-    )
-    assert len(result.history) == 1
+
+    train(64)
+    with pytest.raises(fxfuse.FxfuseError, match="64 training and 32 validation rows"):
+        train(48)
+    assert len(train(48, restart=True).history) == 1
 
 
 def _tiny_archive(folder) -> str:

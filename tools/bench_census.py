@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -46,6 +45,7 @@ import fxfuse  # noqa: E402
 from examples.census import baselines  # noqa: E402
 from examples.census.models import TabularMLP  # noqa: E402
 from fxfuse.data import Dataset, census_income  # noqa: E402
+from fxfuse.files import write_text  # noqa: E402
 from fxfuse.heads import weigh_heads  # noqa: E402
 from fxfuse.train import TrainConfig, evaluate, fit  # noqa: E402
 
@@ -898,16 +898,7 @@ def markdown(results: dict) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as file:
-        file.write(text)
-        temporary = Path(file.name)
-    try:
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_text(path, text)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -45,6 +44,7 @@ from torch_rechub.models.ranking import DCN
 import fxfuse
 from fxfuse.data import census_income
 from fxfuse.export import export_onnx
+from fxfuse.files import write_text
 from fxfuse.trace import FallbackWarning
 from tools.zoo import census_rechub_features, multifashion_models
 
@@ -312,18 +312,7 @@ def table(document: dict) -> str:
 
 def write_json(document: dict, path: Path) -> None:
     """Write `document` to `path` in one rename, never half-way."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(document, file, indent=2)
-            file.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(document, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

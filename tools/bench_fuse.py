@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import fxfuse  # noqa: E402
 from examples.census.models import TabularMLP  # noqa: E402
+from fxfuse.files import write_text  # noqa: E402
 
 CENSUS = ROOT.parent / "shared" / "data" / "census-income-kdd"
 
@@ -176,11 +176,7 @@ def main(argv=None) -> int:
         "targets": TARGETS,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False) as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, out)
+    out = write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
 
     print(
         f"{'case':16} {'batch':>5} {'fuse s':>7} {'fused ms':>9} {'sum ms':>8} "

@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -60,6 +59,7 @@ import torch.fx as fx  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fxfuse.analyse import analyse  # noqa: E402
+from fxfuse.files import write_text  # noqa: E402
 from fxfuse.plan import plan_cuts  # noqa: E402
 from fxfuse.split import check_parity, split  # noqa: E402
 from fxfuse.trace import Traced, trace  # noqa: E402
@@ -461,20 +461,8 @@ def machine() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """Write `data` to `path` in one rename, never half-way."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def print_models(rows: Sequence[ModelRow]) -> None:

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from fxfuse.files import write_atomically  # noqa: E402
 from tools import bench_census as bench  # noqa: E402
 
 # Trained members and the log of tuning runs stay beside the other runs (not in git).
@@ -55,11 +57,9 @@ def train_members(args) -> None:
         for job in futures.as_completed(jobs):
             seed, kind, task = jobs[job]
             result = job.result()
-            CACHE.mkdir(parents=True, exist_ok=True)
-            target = CACHE / f"{seed}-{kind}-{task}.pt"
-            partial = target.with_suffix(".partial")
-            torch.save(result, partial)
-            partial.replace(target)
+            write_atomically(
+                CACHE / f"{seed}-{kind}-{task}.pt", partial(torch.save, result)
+            )
             print(
                 seed,
                 kind,

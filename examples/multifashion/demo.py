@@ -46,6 +46,7 @@ from examples.multifashion.models import SmallMobileNet, SmallResNet, SmallViT
 from examples.multifashion.training import SharedTrunk, TaskModel, export_archive
 from fxfuse.cli import main as fxfuse_main
 from fxfuse.data import Dataset, Split, multifashion
+from fxfuse.files import write_text
 from fxfuse.train import TrainConfig, evaluate, fit
 
 SEED = 0
@@ -500,11 +501,7 @@ def _file_listing(out: Path, bench: str | None) -> list[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a temporary file beside `path`, then one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    partial.replace(path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

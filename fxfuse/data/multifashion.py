@@ -133,8 +133,8 @@ def _locate(root: str | Path | None, download: bool) -> Path:
     )
     raise InputError(
         f"Fashion-MNIST files not found ({looked}, each gzipped or not); install "
-        "Debian's dataset-fashion-mnist, pass root= a folder holding them, or pass "
-        "download=True"
+        "Debian's dataset-fashion-mnist, or give a folder holding them (--data-root "
+        "FOLDER on the command line, root= in Python, where download=True also works)"
     )
 
 
