@@ -48,10 +48,9 @@ def _at_least(low: int):
                 f"'{text}' is not a whole number"
             ) from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
         return value
 
-    integer.__name__ = f"integer of at least {low}"
     return integer
 
 
@@ -65,10 +64,11 @@ def _finite(*, positive: bool):
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             bound = "above 0" if positive else "0 or more"
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {bound}, not {text}"
+            )
         return value
 
-    number.__name__ = "positive number" if positive else "number"
     return number
 
 

@@ -34,7 +34,7 @@ def _refused(capsys, argv, *fragments):
         (["fuse", "--task", "t=m.pt2", "-o", "x", "--levels", "0"], ["--levels"]),
         (["fuse", "--task", "t=m.pt2", "-o", "x", "--width", "0"], ["--width"]),
         (["fuse", "--task", "t=m.pt2", "-o", "x", "--heads", "-2"], ["--heads"]),
-        (["inspect", "m.pt2", "--levels", "-1"], ["--levels", "less than 0"]),
+        (["inspect", "m.pt2", "--levels", "-1"], ["--levels", "at least 0, not -1"]),
         (["train", "a", "--data", "census-income", "--lr", "nan"], ["--lr"]),
         (["train", "a", "--data", "census-income", "--lr", "0"], ["--lr"]),
         (["train", "a", "--data", "census-income", "--subset", "0"], ["--subset"]),
