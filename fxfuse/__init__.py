@@ -5,7 +5,9 @@ points), `plan` (which cuts), `split` (stages), `report` (`inspect`), `generate`
 (`fuse`; with `akf` for the fusion modules and `inputs` for how each model reads
 the fused inputs), `artifact` (`save`/`load`), `train` (`fit`, `evaluate`; with
 `heads` for the head mixing's start), `export` (`export_onnx`, `export_pt2`).
-Data sets are in `fxfuse.data`.
+Data sets are in `fxfuse.data`; `draw` pictures a graph, `metrics` scores tasks,
+`files` writes every file atomically, `errors` holds the error types, `cli` is the
+command line.
 """
 
 from . import data
