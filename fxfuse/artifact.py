@@ -26,7 +26,7 @@ import torch.fx as fx
 from safetensors.torch import load_file, save_file
 
 from ._version import __version__
-from .errors import ArtifactError, LoadError
+from .errors import ArtifactError, FuseError, LoadError
 from .generate import FusionInfo, build, member_inputs, stages_of, unfreeze
 from .load import read_archive
 
@@ -64,7 +64,7 @@ def save(
     staging = _staging_folder(target)
     try:
         stage_files = _save_stages(fused, info, inputs, staging)
-        save_file(_fusion_state(fused), staging / "fusion.safetensors")
+        _save_fusion_weights(fused, staging / "fusion.safetensors")
         torch.save(inputs, staging / "example_inputs.pt")
         manifest = {
             "format": FORMAT,
@@ -104,13 +104,22 @@ def save_weights(
         shutil.copytree(root, staging, copy_function=_link_or_copy)
         weights = staging / "fusion.safetensors"
         weights.unlink(missing_ok=True)  # a link to the old file: never write into it
-        save_file(_fusion_state(fused), weights)
+        _save_fusion_weights(fused, weights)
         (staging / MANIFEST).unlink()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _swap_into_place(staging, root)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_fusion_weights(fused: fx.GraphModule, path: Path) -> None:
+    save_file(_fusion_state(fused), path)
+    # safetensors writes the file readable by its owner alone; give it the mode
+    # any other file of the artifact gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -157,7 +166,13 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
         name: [_load_program(root / f) for f in files]
         for name, files in stage_files.items()
     }
-    fused = build(info, stages)
+    try:
+        fused = build(info, stages)
+    except (FuseError, ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(
+            f"{root / MANIFEST} describes a model that cannot be built ("
+            f"{str(error)[:200]}); the artifact is damaged, fuse again"
+        ) from None
     state = _read_file(root / "fusion.safetensors", lambda p: load_file(str(p)))
     missing, unexpected = fused.load_state_dict(state, strict=False)
     missing = [k for k in missing if _is_fusion_key(k)]
@@ -209,7 +224,7 @@ def read_manifest(root: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an fxfuse manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
@@ -226,16 +241,17 @@ def check_target(target: Path, overwrite: bool) -> None:
             f"'{target}' is a file; an artifact is a folder, so give a folder path "
             "(an existing file is never replaced)"
         )
-    if not target.exists():
-        return
+    if not target.exists() or not any(target.iterdir()):
+        return  # nothing there to lose
+    if not (target / MANIFEST).is_file():
+        raise ArtifactError(
+            f"'{target}' is a folder with other files, not an fxfuse artifact; "
+            "fxfuse never replaces it, so choose another folder"
+        )
     if not overwrite:
         raise ArtifactError(
             f"'{target}' already exists; pass --force (overwrite=True) to replace it, "
             "or choose another folder"
-        )
-    if not (target / MANIFEST).is_file() and any(target.iterdir()):
-        raise ArtifactError(
-            f"'{target}' exists and is not an fxfuse artifact; refusing to replace it"
         )
 
 

@@ -37,8 +37,8 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def _at_least(low: int):
-    """An argparse type: an integer of at least `low`."""
+def _at_least(low: int, below: int | None = None):
+    """An argparse type: an integer of at least `low` (and under `below`)."""
 
     def integer(text: str) -> int:
         try:
@@ -49,6 +49,8 @@ def _at_least(low: int):
             ) from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, not {value}")
         return value
 
     return integer
@@ -85,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     _configure_logging(args.verbose)
     if not getattr(args, "command", None):
-        parser.print_usage(sys.stderr)
-        print("fxfuse: error: give a command; see 'fxfuse --help'", file=sys.stderr)
+        print(
+            "fxfuse: error: give a command (inspect, fuse, train, evaluate or "
+            "export); see 'fxfuse --help'",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     try:
         return args.run(args) or 0
@@ -94,6 +99,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"fxfuse: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader of our output went away (`fxfuse inspect ... | head`): not an
+        # error. Point stdout at nothing so that Python's exit does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as error:
+        # A path fxfuse cannot read or write: permissions, a read-only file system,
+        # a file where a folder should be.
+        if args.verbose:
+            raise
+        where = f" '{error.filename}'" if error.filename else ""
+        print(
+            f"fxfuse: error: cannot use{where}: {error.strerror or error}; check the "
+            "path and that you may write there",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     except Exception as error:
         # Not an error fxfuse raises on purpose: still one line, with the way to
@@ -108,11 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERNAL
     except KeyboardInterrupt:
-        print(
-            "fxfuse: interrupted; a training run resumes from its last checkpoint "
-            "when the same command is run again",
-            file=sys.stderr,
-        )
+        if args.command == "train":
+            note = "the same command resumes from the last checkpoint"
+        else:
+            note = "no output was written or changed"
+        print(f"fxfuse: interrupted; {note}", file=sys.stderr)
         return 130
 
 
@@ -205,16 +227,33 @@ def _add_inspect(commands) -> None:
     command.add_argument(
         "--graph", metavar="FILE", help="draw the graph (.svg, .png or .dot)"
     )
+    command.add_argument(
+        "--force", action="store_true", help="replace an existing --graph file"
+    )
     command.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args) -> int:
+    from pathlib import Path
+
     from .errors import InputError
     from .load import load_model
     from .report import inspect
 
+    if args.graph and Path(args.graph).exists() and not args.force:
+        raise InputError(
+            f"'{args.graph}' already exists; pass --force to replace it, or choose "
+            "another file"
+        )
     loaded = load_model(args.model, allow_pickle=args.allow_pickle)
     inputs = _example_inputs(args.example_inputs, loaded)
+    modules = dict(loaded.model.named_modules())
+    unknown = [leaf for leaf in args.leaf if leaf not in modules or not leaf]
+    if unknown:
+        raise InputError(
+            f"--leaf {unknown[0]!r} is not a submodule of {loaded.name}; give a "
+            "module path from the 'module path' column of fxfuse inspect"
+        )
     cuts = None
     if args.cuts is not None:
         cuts = [c.strip() for c in args.cuts.split(",") if c.strip()]
@@ -461,7 +500,7 @@ def _fused_tasks(fused, data, overrides: Sequence[str] = ()) -> dict[str, str]:
     ``--task-kind TASK=KIND`` says otherwise."""
     from .errors import InputError
     from .metrics import KINDS
-    from .train import infer_kinds
+    from .train import check_kinds, infer_kinds
 
     tasks = fused.fusion_info.tasks
     missing = [t for t in tasks if t not in data.tasks]
@@ -480,7 +519,9 @@ def _fused_tasks(fused, data, overrides: Sequence[str] = ()) -> dict[str, str]:
             )
         given[task] = kind
     inferred = infer_kinds(fused, [t for t in tasks if t not in given], data.val)
-    return {t: given.get(t) or inferred[t] for t in tasks}
+    kinds = {t: given.get(t) or inferred[t] for t in tasks}
+    check_kinds(fused, data.val, kinds)
+    return kinds
 
 
 def _add_train(commands) -> None:
@@ -501,7 +542,7 @@ def _add_train(commands) -> None:
         default=3,
         help="stop after this many epochs without a better validation score (3)",
     )
-    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--seed", type=_at_least(0, below=2**63), default=0)
     command.add_argument(
         "--max-steps", type=_at_least(1), help="at most this many steps per epoch"
     )
@@ -541,18 +582,12 @@ def _run_train(args) -> int:
     folder = Path(args.artifact) / "train"
     finished = (folder / "done.json").exists() and not args.restart
     resuming = (folder / "last.pt").exists() and not args.restart
-    if finished:
-        print(
-            f"training in {folder} has already finished; its best weights are saved "
-            "again (run with --restart to train anew)"
-        )
-    elif resuming:
-        print(f"resuming the interrupted training in {folder}")
     if args.head_start != "uniform" and not resuming:
         weights = weigh_heads(fused, data.val, tasks, method=args.head_start)
         for task, by_model in weights.items():
             shown = ", ".join(f"{n} {w:.2f}" for n, w in by_model.items())
-            print(f"head mixing of {task} starts at: {shown}")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"head mixing of {task} starts at: {shown}")
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -574,6 +609,13 @@ def _run_train(args) -> int:
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 alone writes the artifact
+    if finished:
+        print(
+            f"training in {folder} had already finished; nothing was trained (run "
+            "with --restart to train anew)"
+        )
+    elif resuming:
+        print(f"resumed the interrupted training in {folder}")
     record = {
         "data": args.data,
         "best_epoch": result.best_epoch,
@@ -673,11 +715,12 @@ def _run_export(args) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise InputError(f"'{output}' is a folder; give a file such as fused.onnx")
-    if output.exists() and not args.force:
-        raise InputError(
-            f"'{output}' already exists; pass --force to replace it, or choose "
-            "another file"
-        )
+    for path in (output, output.with_name(output.name + ".json")):
+        if path.exists() and not args.force:
+            raise InputError(
+                f"'{path}' already exists; pass --force to replace it, or choose "
+                "another file"
+            )
     fused = load(args.artifact)
     try:
         report = export(fused, None, args.output, tolerance=args.tolerance)

@@ -594,6 +594,12 @@ def _check(
 
     want, torch_ms = _timed(eager)
     size = _batch_size(inputs)
+    if not all(bool(t.isfinite().all()) for t in want if t.is_floating_point()):
+        raise ExportError(
+            f"the model itself outputs NaN or infinity at batch {size}, so there is "
+            "nothing to check the export against; train it again (a lower learning "
+            "rate) or fuse it again"
+        )
     try:
         got, runtime_ms = _timed(lambda: run(inputs))
     except Exception as error:

@@ -299,12 +299,21 @@ def fuse(
     return fused
 
 
+# Widths above this would make AKF layers far larger than any model they join.
+MAX_WIDTH = 4096
+
+
 def _check_settings(levels: int, width: int, heads: int) -> None:
     """Refuse sizes the AKF modules cannot have, before any model is traced."""
     if levels < 1:
         raise FuseError(f"levels={levels}: fusion needs at least 1 level (cut)")
     if width < 1 or heads < 1:
         raise FuseError(f"AKF width={width} and heads={heads} must both be at least 1")
+    if width > MAX_WIDTH:
+        raise FuseError(
+            f"AKF width={width} is above {MAX_WIDTH}; each AKF layer holds about "
+            "12 x width^2 weights, so choose a width such as 64 or 256"
+        )
     if width % heads:
         raise FuseError(
             f"AKF width={width} is not a multiple of heads={heads}; choose a width "

@@ -78,6 +78,16 @@ def load_model(spec: str, allow_pickle: bool = False) -> LoadedModel:
     path = _existing(spec, "model")
     if path.suffix == ".pt2":
         return _from_archive(path, allow_pickle)
+    if path.suffix == ".py":
+        raise LoadError(
+            f"'{spec}' is Python source; name the function or class in it that "
+            f"builds the model: {spec}:FACTORY[@weights]"
+        )
+    if path.suffix == ".onnx":
+        raise LoadError(
+            f"'{spec}' is an ONNX model, which fxfuse cannot cut; give the PyTorch "
+            "model: a .pt2 archive (torch.export.save) or module:factory[@weights]"
+        )
     return _from_pickle(path, allow_pickle)
 
 
@@ -218,7 +228,7 @@ def _from_pickle(path: Path, allow_pickle: bool) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        if "Unsupported global" in str(error):
             raise LoadError(
                 f"'{path}' holds a pickled Python object (a whole model): loading it "
                 "would run code from the file, so fxfuse does not by default; if you "
@@ -250,6 +260,11 @@ def _not_a_model(path: Path, error: BaseException) -> str:
 def _from_factory(spec: str) -> LoadedModel:
     target, _, weights = spec.partition("@")
     module_name, _, factory_name = target.rpartition(":")
+    if not module_name.strip() or not factory_name.strip():
+        raise LoadError(
+            f"model '{spec}' is not module:factory[@weights]; give both parts, e.g. "
+            "models.py:SmallResNet or mypackage.models:build_mlp@mlp.safetensors"
+        )
     module = _import(module_name, spec)
     factory = getattr(module, factory_name, None)
     if not callable(factory):
@@ -440,5 +455,12 @@ _OWN_DIR = str(Path(__file__).resolve().parent)
 
 
 def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        # torch's own advice to retry without weights_only is not ours to give.
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = text.strip().splitlines()
+    if not lines or lines[0].strip().isdigit():
+        # Some readers raise with a bare byte value or offset as their message.
+        return f"{type(error).__name__}: unrecognised content"
+    return lines[0][:200]

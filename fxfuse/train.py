@@ -325,8 +325,13 @@ def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[st
     return kinds
 
 
+def check_kinds(model: nn.Module, split: Split, tasks: Mapping[str, str]) -> None:
+    """Raise an InputError if a task's kind does not fit the model's prediction
+    for it: a multi-class task needs several values per row, the others one."""
+    _check_kinds_fit(_outputs(check_fits(model, split)), tasks)
+
+
 def _check_kinds_fit(predictions: Mapping[str, Tensor], tasks: Mapping[str, str]):
-    """A multi-class task needs several values per row, the others one."""
     for task, kind in tasks.items():
         prediction = predictions.get(task)
         if prediction is None:
@@ -335,12 +340,12 @@ def _check_kinds_fit(predictions: Mapping[str, Tensor], tasks: Mapping[str, str]
         if kind == "multiclass" and per_row < 2:
             raise InputError(
                 f"task '{task}' is multiclass but the model predicts one value per "
-                "row; give it the kind binary or regression"
+                "row; give it the kind binary or regression (--task-kind)"
             )
         if kind != "multiclass" and per_row > 1:
             raise InputError(
                 f"task '{task}' is {kind} but the model predicts {per_row} values per "
-                "row; give it the kind multiclass"
+                "row; give it the kind multiclass (--task-kind)"
             )
 
 
@@ -667,6 +672,12 @@ def _train_epoch(context: _Context, run: _Run) -> None:
             context.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             value = loss.item()
+            if not math.isfinite(value):
+                raise FxfuseError(
+                    f"the training loss is {value} at epoch {run.epoch}, step "
+                    f"{run.step + 1}; nothing of this run is kept. Lower the learning "
+                    "rate (--lr) and run again with --restart"
+                )
 
             # An interrupt between the weight update and the counters would leave
             # a checkpoint that repeats or skips a step.
@@ -804,7 +815,9 @@ def _load_checkpoint(
     if folder is None or not (folder / CHECKPOINT).is_file():
         return None
     path = folder / CHECKPOINT
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _read_record(
+        path, lambda: torch.load(path, map_location="cpu", weights_only=True)
+    )
     _check_same_run(path, checkpoint, tasks, rows)
     changed = [
         name
@@ -832,14 +845,37 @@ def _finished_run(
     model: nn.Module, folder: Path, tasks: dict[str, str], rows: dict[str, int]
 ) -> FitResult:
     """The stored result of a finished run, with its final weights loaded."""
-    done = json.loads((folder / DONE).read_text())
+    done = _read_record(folder / DONE, lambda: json.loads((folder / DONE).read_text()))
     _check_same_run(folder / DONE, done, tasks, rows)
     path = folder / CHECKPOINT
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _read_record(
+        path, lambda: torch.load(path, map_location="cpu", weights_only=True)
+    )
     with _checkpoint_of_this_model(path):
         model.load_state_dict(checkpoint["model"])
     logger.info("%s: training already finished; loaded its weights", folder)
     return FitResult.from_json(done)
+
+
+def _read_record(path: Path, read: Callable[[], object]) -> dict:
+    """A checkpoint or run record, or an error that says how to get past a
+    damaged one."""
+    try:
+        record = read()
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FxfuseError(
+            f"{path} is damaged ({first[:160]}); start again with --restart "
+            "(restart=True)"
+        ) from None
+    if not isinstance(record, dict):
+        raise FxfuseError(
+            f"{path} is damaged (not a record); start again with --restart "
+            "(restart=True)"
+        )
+    return record
 
 
 def _rows(train: Split, val: Split) -> dict[str, int]:

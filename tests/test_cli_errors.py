@@ -10,7 +10,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.cli import main
-from fxfuse.errors import FuseError, InputError
+from fxfuse.errors import ArtifactError, ExportError, FuseError, InputError
 from fxfuse.load import parse_example_inputs
 from fxfuse.train import TrainConfig, evaluate, fit
 from tests.test_safety import _fused, _split
@@ -54,11 +54,10 @@ def test_an_unknown_flag_points_at_the_help_of_its_command(capsys):
     _refused(capsys, argv, "--rounds", "'fxfuse train --help'")
 
 
-def test_no_command_prints_the_usage_on_stderr(capsys):
-    assert main([]) == 2
-    captured = capsys.readouterr()
+def test_no_command_is_one_line_naming_the_commands(capsys):
+    captured = _refused(capsys, [], "inspect, fuse, train, evaluate or export")
     assert captured.out == ""
-    assert captured.err.startswith("usage: fxfuse")
+    assert len(captured.err.splitlines()) == 1
 
 
 def test_fuse_refuses_a_file_as_its_output_and_leaves_it_alone(tmp_path, capsys):
@@ -192,3 +191,119 @@ def _tiny_archive(folder) -> str:
     path = folder / "tiny.pt2"
     torch.export.save(program, path)
     return str(path)
+
+
+def test_a_loss_that_turns_nan_stops_training_with_a_way_out():
+    rows = _split(32)
+    rows.inputs[3, 0] = float("nan")  # one bad row poisons the first batch's loss
+    config = TrainConfig(epochs=1, batch_size=32, progress=False)
+    with pytest.raises(fxfuse.FxfuseError, match=r"loss is nan at epoch 1.*--lr"):
+        fit(_fused(), rows, _split(16), {"t": "binary"}, config)
+
+
+def test_export_refuses_a_model_whose_own_outputs_are_nan(tmp_path):
+    fused = _fused()
+    with torch.no_grad():
+        fused.get_submodule("mix_t").logits.fill_(float("nan"))
+    with pytest.raises(ExportError, match="outputs NaN or infinity"):
+        fxfuse.export_onnx(fused, None, tmp_path / "fused.onnx")
+
+
+def test_export_keeps_an_existing_side_file_unless_forced(tmp_path, capsys):
+    artifact = tmp_path / "fused"
+    fxfuse.save(_fused(), artifact)
+    side = tmp_path / "fused.onnx.json"
+    side.write_text("my notes")
+    _refused(capsys, ["export", str(artifact), "-o", str(tmp_path / "fused.onnx")])
+    assert side.read_text() == "my notes"
+
+
+def test_inspect_keeps_an_existing_picture_unless_forced(tmp_path, capsys):
+    model = _tiny_archive(tmp_path)
+    picture = tmp_path / "tiny.dot"
+    picture.write_text("my picture")
+    _refused(capsys, ["inspect", model, "--graph", str(picture)], "--force")
+    assert picture.read_text() == "my picture"
+    assert main(["inspect", model, "--graph", str(picture), "--force"]) == 0
+    assert picture.read_text().startswith("digraph")
+
+
+def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys):
+    model = _tiny_archive(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["fuse", "--task", f"t={model}", "--levels", "1"]
+    _refused(capsys, [*argv, "-o", str(blocker / "fused")], "cannot use", "a_file")
+
+
+@pytest.mark.parametrize(
+    "name, spec, fragment",
+    [
+        ("models.py", "{path}", "Python source"),
+        ("fused.onnx", "{path}", "ONNX model"),
+        ("models.py", ":SmallResNet", "give both parts"),
+    ],
+)
+def test_model_specs_of_the_wrong_kind_say_what_to_give(
+    tmp_path, capsys, name, spec, fragment
+):
+    path = tmp_path / name
+    path.write_text("x = 1\n")
+    _refused(capsys, ["inspect", spec.format(path=path)], fragment)
+
+
+def test_unknown_leaf_modules_are_refused(tmp_path, capsys):
+    _refused(capsys, ["inspect", _tiny_archive(tmp_path), "--leaf", "nope"], "nope")
+
+
+def test_a_seed_too_large_for_torch_is_refused(capsys):
+    argv = ["train", "a", "--data", "census-income", "--seed", str(2**70)]
+    _refused(capsys, argv, "--seed", "must be below")
+
+
+def test_a_width_far_too_large_is_refused_before_any_allocation():
+    with pytest.raises(FuseError, match="above 4096"):
+        fxfuse.fuse({"t": [nn.Linear(4, 1)]}, (torch.randn(2, 4),), width=10**6)
+
+
+def test_a_damaged_run_record_points_at_restart(tmp_path):
+    config = TrainConfig(epochs=1, batch_size=16, progress=False)
+    folder = tmp_path / "run"
+    fit(
+        _fused(), _split(32), _split(16), {"t": "binary"}, config, checkpoint_dir=folder
+    )
+    (folder / "done.json").write_text("[]")
+    with pytest.raises(fxfuse.FxfuseError, match="damaged.*--restart"):
+        fit(
+            _fused(),
+            _split(32),
+            _split(16),
+            {"t": "binary"},
+            config,
+            checkpoint_dir=folder,
+        )
+
+
+def test_a_manifest_that_is_not_a_record_is_not_an_artifact(tmp_path):
+    folder = tmp_path / "fused"
+    fxfuse.save(_fused(), folder)
+    (folder / "manifest.json").write_text("[]")
+    with pytest.raises(ArtifactError, match="not an fxfuse manifest"):
+        fxfuse.load(folder)
+
+
+def test_save_never_replaces_a_folder_of_other_files_and_fills_an_empty_one(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="never replaces it"):
+        fxfuse.save(_fused(), mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fxfuse.save(_fused(), empty)
+    weights = empty / "fusion.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask

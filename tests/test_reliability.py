@@ -483,7 +483,7 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
     # Running the finished command again trains nothing and says so.
     again = subprocess.run(train, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
-    assert "has already finished" in again.stdout
+    assert "had already finished" in again.stdout
     assert "--restart" in again.stdout
 
     # Other data than the run was trained on: refused, pointing at --restart.

@@ -220,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(MEMBERS[0].archive(out)),
             "--graph",
             str(out / "resnet.svg"),
+            "--force",
         ],
         "fxfuse fuse": [
             "fuse",
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores["average"] = rows["average of its models"]
 
     with timings.step("fxfuse export"):
-        code = _fxfuse(["export", str(fused), "-o", str(out / "fused.onnx")])
+        code = _fxfuse(["export", str(fused), "-o", str(out / "fused.onnx"), "--force"])
         if code:
             return code
 
