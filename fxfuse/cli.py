@@ -454,7 +454,13 @@ def _input_map(entries: Sequence[str], by_key: dict[str, str]) -> dict:
             )
         model = by_key.get(model.strip(), model.strip())
         for own, _, fused in renames:
-            input_map.setdefault(model, {})[own.strip()] = fused.strip()
+            keys = input_map.setdefault(model, {})
+            if own.strip() in keys:
+                raise InputError(
+                    f"--input-map maps key '{own.strip()}' of model {model} twice; "
+                    "map each of its keys once"
+                )
+            keys[own.strip()] = fused.strip()
     return input_map
 
 
@@ -625,7 +631,13 @@ def _run_train(args) -> int:
     }
     save_weights(fused, args.artifact, record)
     print(json.dumps({"best_epoch": result.best_epoch, "val": result.best_metrics}))
-    print(f"weights of epoch {result.best_epoch} saved into {args.artifact}")
+    if result.best_epoch == 0:
+        print(
+            "no epoch improved on the starting weights, so those are saved into "
+            f"{args.artifact}"
+        )
+    else:
+        print(f"weights of epoch {result.best_epoch} saved into {args.artifact}")
     return 0
 
 

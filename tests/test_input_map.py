@@ -7,7 +7,7 @@ import torch
 
 import fxfuse
 from examples.census.models import TabularMLP
-from fxfuse.cli import main
+from fxfuse.cli import _input_map, main
 from fxfuse.errors import FuseError, InputError
 
 SPARSE = {"shop": 11, "city": 7}
@@ -136,3 +136,8 @@ def test_cli_fuse_with_input_map_gives_the_mean_of_the_models(tmp_path, capsys):
         main([*fuse, "--input-map", "income_years=age", "-o", str(tmp_path / "b")]) == 2
     )
     assert "is not MODEL:ITS_KEY=FUSED_KEY" in capsys.readouterr().err
+
+
+def test_a_key_mapped_twice_for_one_model_is_refused():
+    with pytest.raises(InputError, match="maps key 'years' of model m twice"):
+        _input_map(["m:years=age,years=shop"], {"m": "m"})
