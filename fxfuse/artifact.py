@@ -286,9 +286,10 @@ def _load_program(path: Path) -> torch.nn.Module:
     try:
         return read_archive(path).module()
     except LoadError as error:
+        reason = error.reason or str(error).splitlines()[0][:150]
         raise ArtifactError(
-            f"cannot read stage '{path}' ({str(error).splitlines()[0][:150]}); the "
-            "artifact is damaged, fuse again"
+            f"cannot read stage '{path}' ({reason}); the artifact is damaged, fuse "
+            "again"
         ) from None
 
 

@@ -13,11 +13,20 @@ LIMITATIONS = "docs/limitations.md"
 class FxfuseError(Exception):
     """Base class of the errors fxfuse raises on purpose."""
 
-    def __init__(self, message: str, *, limitation: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        limitation: str | None = None,
+        reason: str | None = None,
+    ):
+        """`reason`: the cause alone, in a few words, for a caller that wraps this
+        error into its own message."""
         if limitation:
             message = f"{message} (see {LIMITATIONS}#{limitation})"
         super().__init__(message)
         self.limitation = limitation
+        self.reason = reason
 
 
 class LoadError(FxfuseError):

@@ -132,7 +132,8 @@ def read_archive(
             f"'{path}' is not a readable torch.export archive ({_reason(error)}); "
             "write it with torch.export.save(torch.export.export(model, inputs), "
             "path), or pass --allow-pickle if you trust a file that holds pickled "
-            "objects"
+            "objects",
+            reason=_reason(error),
         ) from None
 
 
