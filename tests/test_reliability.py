@@ -472,7 +472,7 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "resumes from its last checkpoint" in err
+    assert "the same command resumes from the last checkpoint" in err
     assert checkpoint.exists()
 
     resumed = subprocess.run(train, capture_output=True, text=True, env=env)
