@@ -535,6 +535,14 @@ def _input_error(model, example_inputs, error, shapes, name) -> InputError:
     path = failure.module_path
     failing = _failing_module(model, error, shapes)
     recorded = _recorded_inputs(model)
+    if recorded and "input tree spec" in str(error):
+        # A torch.export program given inputs of another structure (a dict for a
+        # tensor, other keys): torch's message is the two structures, at length.
+        return InputError(
+            f"example inputs ({given}) do not fit {name}, which takes {recorded} "
+            "(N: any batch size); give inputs of that structure, or fuse it with "
+            "models that take the same inputs"
+        )
     if recorded and (failing or "").startswith("_guards"):
         # A torch.export program checks its inputs in a guard module of its own;
         # the shapes it was exported for say more than that module's name.

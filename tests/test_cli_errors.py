@@ -307,3 +307,26 @@ def test_save_never_replaces_a_folder_of_other_files_and_fills_an_empty_one(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
+
+
+class _DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(1, 4)
+        self.b = nn.Linear(4, 1)
+
+    def forward(self, features):
+        return self.b(torch.relu(self.a(features["price"].unsqueeze(1))))
+
+
+def test_archives_of_other_input_structures_name_what_each_takes(tmp_path, capsys):
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        _DictInput().eval(),
+        ({"price": torch.rand(4)},),
+        dynamic_shapes=({"price": {0: batch}},),
+    )
+    torch.export.save(program, tmp_path / "by_key.pt2")
+    argv = ["fuse", "--task", f"a={tmp_path / 'by_key.pt2'}"]
+    argv += ["--task", f"b={_tiny_archive(tmp_path)}", "--levels", "1"]
+    _refused(capsys, [*argv, "-o", str(tmp_path / "o")], "which takes x Nx4")
