@@ -238,7 +238,8 @@ def fuse(
     Raises:
         FuseError: levels, width or heads are not positive or width is not a
             multiple of heads, a task has no model, a model is given twice,
-            predictions of one task differ in shape, a model has fewer cut points than `levels`, or
+            predictions of one task differ in shape, a model has fewer cut points
+            than `levels`, or
             `cuts` or `input_map` name an unknown model.
         InputError: the example inputs do not fit a model, or `input_map` names a
             fused input key that the example inputs do not have.

@@ -272,7 +272,7 @@ def evaluate(
     """
     tasks = _kinds_of(model, tasks, split)
     _check_tasks(tasks, {"": split})
-    _check_kinds_fit(_outputs(check_fits(model, split)), tasks)
+    check_kinds(model, split, tasks)
     kinds = _output_kinds(model, tasks, output_kinds)
     predictions = predict(model, split, batch_size)
     metrics = {}
@@ -328,10 +328,7 @@ def infer_kinds(model: nn.Module, tasks: Sequence[str], split: Split) -> dict[st
 def check_kinds(model: nn.Module, split: Split, tasks: Mapping[str, str]) -> None:
     """Raise an InputError if a task's kind does not fit the model's prediction
     for it: a multi-class task needs several values per row, the others one."""
-    _check_kinds_fit(_outputs(check_fits(model, split)), tasks)
-
-
-def _check_kinds_fit(predictions: Mapping[str, Tensor], tasks: Mapping[str, str]):
+    predictions = _outputs(check_fits(model, split))
     for task, kind in tasks.items():
         prediction = predictions.get(task)
         if prediction is None:
@@ -441,7 +438,7 @@ def fit(
     config = config or TrainConfig()
     tasks = _kinds_of(model, tasks, train)
     _check_tasks(tasks, {"train": train, "val": val})
-    _check_kinds_fit(_outputs(check_fits(model, val)), tasks)
+    check_kinds(model, val, tasks)
     kinds = _output_kinds(model, tasks, output_kinds)
     losses = {task: loss_for(kind, kinds[task]) for task, kind in tasks.items()}
     weights = _task_weights(config, tasks)
