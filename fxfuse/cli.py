@@ -330,6 +330,12 @@ def _add_fuse(commands) -> None:
         default=4,
         help="AKF attention heads (4); the width must be a multiple of it",
     )
+    command.add_argument(
+        "--seed",
+        type=_at_least(0, below=2**63),
+        default=0,
+        help="seed of the fusion modules' random start (0)",
+    )
     command.add_argument("-o", "--output", required=True, help="artifact folder")
     command.add_argument(
         "--force", action="store_true", help="replace an existing artifact"
@@ -339,6 +345,8 @@ def _add_fuse(commands) -> None:
 
 def _run_fuse(args) -> int:
     from pathlib import Path
+
+    import torch
 
     from .artifact import check_target, save
     from .errors import InputError
@@ -370,8 +378,12 @@ def _run_fuse(args) -> int:
     cuts = _fuse_cuts(args.cuts, by_key)
     input_map = _input_map(args.input_map, by_key)
 
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        torch.random.fork_rng(devices=[]),
+    ):
         warnings.simplefilter("always")
+        torch.manual_seed(args.seed)
         fused = fuse(
             {t: dict(m) for t, m in tasks.items()},
             inputs,

@@ -45,6 +45,7 @@ import keyword
 import math
 import operator
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -297,7 +298,40 @@ def fuse(
     stages = {m.name: r.stages for m, r in zip(info.models, reports, strict=True)}
     fused = build(info, stages)
     fused.keep("example_inputs", example_inputs)
+    _warn_if_fusion_outweighs_models(fused)
     return fused
+
+
+class LargeFusionWarning(UserWarning):
+    """The fusion modules hold more parameters than the models they fuse."""
+
+
+def _warn_if_fusion_outweighs_models(fused: fx.GraphModule) -> None:
+    """Warn when the AKF modules and head mixers are larger than all models together.
+
+    An AKF layer's size depends on its width, not on the models; models of a few
+    thousand parameters (small tabular MLPs) are smaller than one layer of width 64,
+    and their fused model then spends most of its time and memory on fusion.
+    """
+    fusion = sum(
+        p.numel()
+        for name, module in fused.named_children()
+        if name.startswith(("fusion", "mix_"))
+        for p in module.parameters()
+    )
+    models = sum(p.numel() for p in fused.parameters()) - fusion
+    if fusion > models:
+        info = fused.fusion_info
+        warnings.warn(
+            LargeFusionWarning(
+                f"the fusion modules add {fusion:,} parameters, "
+                f"{fusion / max(models, 1):.1f} times the {models:,} of the models "
+                f"(AKF width {info.width}, levels {info.levels}); for models this "
+                "small, a smaller --width or fewer --levels costs less "
+                "(docs/limitations.md#small-models)"
+            ),
+            stacklevel=3,
+        )
 
 
 # Widths above this would make AKF layers far larger than any model they join.

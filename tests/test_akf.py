@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxfuse.akf import AKF, HeadMixer, Member
+from fxfuse.akf import AKF, HeadMixer, Member, TaskEncoderLayer
 
 # Mixed widths, ranks and layouts; "left" has two members, "right" and "side" one.
 MEMBERS = (
@@ -167,6 +167,28 @@ def test_task_embeddings_tell_tasks_apart_in_the_inter_task_step():
 
     assert updated.shape == (3, len(TASKS), 16)
     assert not torch.allclose(updated[:, 0], updated[:, 1])
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+def test_few_token_attention_matches_the_fused_kernel(tokens):
+    few = TaskEncoderLayer(width=16, heads=4, ff_mult=2, dropout=0.0, tokens=tokens)
+    many = TaskEncoderLayer(width=16, heads=4, ff_mult=2, dropout=0.0)
+    many.load_state_dict(few.state_dict())
+    x = torch.randn(5, tokens, 16)
+
+    assert few.few_tokens and not many.few_tokens
+    torch.testing.assert_close(few(x), many(x), atol=1e-6, rtol=1e-5)
+    # Each query mixes the values differently, so the tokens' updates differ.
+    if tokens > 1:
+        assert not torch.allclose(few.attend(x)[:, 0], few.attend(x)[:, 1])
+
+
+@pytest.mark.parametrize("n_tasks, few", [(4, True), (5, False)])
+def test_akf_uses_few_token_attention_up_to_four_tasks(n_tasks, few):
+    tasks = [f"task{i}" for i in range(n_tasks)]
+    members = [Member(f"model{i}", task, 8, -1, 2) for i, task in enumerate(tasks)]
+
+    assert AKF(members, tasks, width=8, heads=2).encoder.few_tokens is few
 
 
 def test_dropout_acts_in_training_only():

@@ -1,6 +1,8 @@
 """fuse(): at initialisation each task predicts the mean of its models; frozen stages
 stay frozen; the generated code reads like a forward; artifacts round-trip."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ import fxfuse
 from examples.census.models import TabularMLP
 from examples.multifashion.models import SmallResNet, SmallViT
 from fxfuse.errors import ArtifactError, FuseError, InputError
+from fxfuse.generate import LargeFusionWarning
 from fxfuse.load import load_model
 from tools.zoo import census_rechub_features
 
@@ -149,6 +152,34 @@ def test_training_step_changes_akf_but_not_frozen_weights_or_batchnorm_stats():
     assert not fused.t_tabularmlp1.training and fused.fusion1.training
 
 
+def test_fusion_larger_than_its_models_is_warned_about_with_its_size():
+    models = {
+        "a": [TabularMLP(SPARSE, DENSE, (8, 8)).eval()],
+        "b": [TabularMLP(SPARSE, DENSE, (16, 8)).eval()],
+    }
+    with pytest.warns(LargeFusionWarning) as caught:
+        fused = fxfuse.fuse(models, (_features(),), levels=2, width=64)
+
+    fusion = sum(
+        p.numel() for n, p in fused.named_parameters() if n.startswith("fusion")
+    )
+    text = str(caught[0].message)
+    assert f"add {fusion:,} parameters" in text
+    assert "--width" in text and "--levels" in text
+
+
+def test_fusion_smaller_than_its_models_gives_no_size_warning():
+    def wide() -> nn.Module:
+        return nn.Sequential(nn.Linear(32, 512), nn.ReLU(), nn.Linear(512, 1)).eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LargeFusionWarning)
+        inputs = (torch.randn(4, 32),)
+        fused = fxfuse.fuse({"a": [wide()], "b": [wide()]}, inputs, levels=1, width=8)
+    fusion = sum(p.numel() for n, p in fused.named_parameters() if "fusion" in n)
+    assert 0 < fusion < sum(p.numel() for p in fused.parameters()) - fusion
+
+
 def test_generated_code_reads_like_a_forward():
     models = {
         "income": {
@@ -260,3 +291,28 @@ def test_artifact_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.fusion_info == fused.fusion_info
     with pytest.raises(ArtifactError, match="already exists.*--force"):
         fxfuse.save(fused, tmp_path / "art")
+
+
+def test_fxfuse_fuse_starts_the_fusion_modules_from_its_seed(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fxfuse.cli import main
+    from tests.test_cli_errors import _tiny_archive
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = _tiny_archive(tmp_path / "a"), _tiny_archive(tmp_path / "b")
+
+    def fusion_weights(*extra: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"fused{len(list(tmp_path.iterdir()))}"
+        argv = ["fuse", "--task", f"a={a}", "--task", f"b={b}", "-o", str(out)]
+        assert main([*argv, "--levels", "1", "--width", "8", *extra]) == 0
+        return load_file(out / "fusion.safetensors")
+
+    first, again, other = (
+        fusion_weights(),
+        fusion_weights(),
+        fusion_weights("--seed", "1"),
+    )
+    readers = [k for k in first if "readers" in k]
+    assert readers and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in readers)

@@ -10,8 +10,9 @@ single-task models) it measures:
   FLOPs at most 10%).
 
 Each row says whether it meets both targets. The census MLPs are smaller than one
-AKF layer of the default width (64), so they are also measured with width 8: the
-targets are about large members, and the table shows what they cost small ones.
+AKF layer of the default width (64), so they are also measured with width 8, at three
+levels and at one: the targets are about large members, and the table shows what
+they cost small ones.
 
 Writes ``bench/fuse.json`` and prints a table. Run from the repository root:
 
@@ -74,13 +75,16 @@ def measure(
     batch_inputs: tuple,
     repeats: int,
     width: int = 64,
+    levels: int = 3,
 ):
     """Fuse `tasks` and compare the fused model with its models run one by one."""
     members = [m for models in tasks.values() for m in models]
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused = fxfuse.fuse(tasks, inputs, levels=3, width=width, heads=min(4, width))
+        fused = fxfuse.fuse(
+            tasks, inputs, levels=levels, width=width, heads=min(4, width)
+        )
     fuse_seconds = time.perf_counter() - start
 
     def fused_call():
@@ -105,6 +109,7 @@ def measure(
     return {
         "name": name,
         "akf_width": width,
+        "levels": levels,
         "models": len(members),
         "batch": _batch(batch_inputs),
         "fuse_seconds": round(fuse_seconds, 3),
@@ -151,8 +156,8 @@ def census_case(quick: bool, repeats: int) -> dict:
     tasks = {"income": models[:2], "never_married": models[2:]}
     example = ({k: v[:8] for k, v in rows.items()},)
     return [
-        measure("4 x census MLP", tasks, example, (rows,), repeats, width=width)
-        for width in (64, 8)
+        measure("4 x census MLP", tasks, example, (rows,), repeats, width, levels)
+        for width, levels in ((64, 3), (8, 3), (8, 1))
     ]
 
 
@@ -180,14 +185,16 @@ def main(argv=None) -> int:
 
     print(
         f"{'case':16} {'batch':>5} {'fuse s':>7} {'fused ms':>9} {'sum ms':>8} "
-        f"{'ratio':>6} {'AKF FLOPs':>9} {'AKF params':>10} {'width':>5} targets"
+        f"{'ratio':>6} {'AKF FLOPs':>9} {'AKF params':>10} {'width':>5} "
+        f"{'levels':>6} targets"
     )
     for r in rows:
         print(
             f"{r['name']:16} {r['batch']:>5} {r['fuse_seconds']:>7.2f} "
             f"{r['fused_ms']:>9.1f} {r['members_ms']:>8.1f} {r['latency_ratio']:>6.3f} "
             f"{100 * r['akf_flops_share']:>8.2f}% {r['akf_params']:>10,} "
-            f"{r['akf_width']:>5} {'met' if r['targets_met'] else 'missed'}"
+            f"{r['akf_width']:>5} {r['levels']:>6} "
+            f"{'met' if r['targets_met'] else 'missed'}"
         )
     print(f"written: {out}")
     return 0

@@ -4,6 +4,12 @@
 sparse feature, concatenated with the dense features, then an MLP of `blocks` hidden
 widths (Linear, BatchNorm, ReLU, Dropout each) and a sigmoid output. It takes the dict
 of feature tensors that `fxfuse.data` gives (and torch-rechub models take).
+
+The embeddings start small (normal, std 1e-3; torch-rechub's start at 1e-4), so
+early training follows the dense features rather than random category vectors of
+norm 2 that swamp them. Trained on Census-Income with the benchmark's budget, MLP
+[8, 8] reached 0.9467 to 0.9474 test income AUC over three seeds, against 0.942
+with `nn.Embedding`'s default N(0, 1) start and dropout 0.2 (`bench/census_tuning.md`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ class TabularMLP(nn.Module):
         blocks: hidden widths of the MLP, e.g. (8, 8) or (16, 8).
         embed_dim: width of each embedding.
         dropout: dropout after each hidden block.
+        embed_std: standard deviation of the embeddings' normal start.
     """
 
     def __init__(
@@ -31,7 +38,8 @@ class TabularMLP(nn.Module):
         dense: Sequence[str],
         blocks: Sequence[int] = (8, 8),
         embed_dim: int = 4,
-        dropout: float = 0.2,
+        dropout: float = 0.0,
+        embed_std: float = 1e-3,
     ):
         super().__init__()
         self.sparse_names = list(sparse)
@@ -39,6 +47,8 @@ class TabularMLP(nn.Module):
         self.embeddings = nn.ModuleDict(
             {_key(name): nn.Embedding(size, embed_dim) for name, size in sparse.items()}
         )
+        for embedding in self.embeddings.values():
+            nn.init.normal_(embedding.weight, std=embed_std)
         width = embed_dim * len(sparse) + len(dense)
         layers: list[nn.Module] = []
         for hidden in blocks:
