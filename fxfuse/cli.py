@@ -567,7 +567,8 @@ def _add_train(commands) -> None:
     command.add_argument(
         "--unfreeze",
         choices=["heads", "all"],
-        help="also train each model's last stage, or every stage",
+        help="also train each model's last stage that holds weights (its head), or "
+        "every stage",
     )
     command.add_argument(
         "--head-start",

@@ -1,4 +1,5 @@
-"""The one family of errors fxfuse raises on purpose.
+"""The one family of errors fxfuse raises on purpose, and the warnings that point to a
+known limitation.
 
 Every message says what failed, where (a file and line, a module path or a node) and
 what the user can do about it. The CLI prints the message as one line and exits with
@@ -8,6 +9,11 @@ code 2; it shows a traceback only with ``-v``.
 from __future__ import annotations
 
 LIMITATIONS = "docs/limitations.md"
+
+
+def _pointing_to(message: str, limitation: str | None) -> str:
+    """The message, ending with where its limitation is explained, if it has one."""
+    return f"{message} (see {LIMITATIONS}#{limitation})" if limitation else message
 
 
 class FxfuseError(Exception):
@@ -22,11 +28,17 @@ class FxfuseError(Exception):
     ):
         """`reason`: the cause alone, in a few words, for a caller that wraps this
         error into its own message."""
-        if limitation:
-            message = f"{message} (see {LIMITATIONS}#{limitation})"
-        super().__init__(message)
+        super().__init__(_pointing_to(message, limitation))
         self.limitation = limitation
         self.reason = reason
+
+
+class LimitationWarning(UserWarning):
+    """Something works, but runs into a limitation explained in docs/limitations.md."""
+
+    def __init__(self, message: str, *, limitation: str):
+        super().__init__(_pointing_to(message, limitation))
+        self.limitation = limitation
 
 
 class LoadError(FxfuseError):

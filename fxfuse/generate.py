@@ -56,7 +56,7 @@ from torch import nn
 
 from .akf import AKF, HeadMixer, Member
 from .analyse import CutPoint
-from .errors import FuseError, FxfuseError, InputError
+from .errors import FuseError, FxfuseError, InputError, LimitationWarning
 from .inputs import (
     as_read,
     by_position,
@@ -302,7 +302,7 @@ def fuse(
     return fused
 
 
-class LargeFusionWarning(UserWarning):
+class LargeFusionWarning(LimitationWarning):
     """The fusion modules hold more parameters than the models they fuse."""
 
 
@@ -327,8 +327,8 @@ def _warn_if_fusion_outweighs_models(fused: fx.GraphModule) -> None:
                 f"the fusion modules add {fusion:,} parameters, "
                 f"{fusion / max(models, 1):.1f} times the {models:,} of the models "
                 f"(AKF width {info.width}, levels {info.levels}); for models this "
-                "small, a smaller --width or fewer --levels costs less "
-                "(docs/limitations.md#small-models)"
+                "small, a smaller --width or fewer --levels costs less",
+                limitation="small-models",
             ),
             stacklevel=3,
         )
@@ -399,15 +399,20 @@ def unfreeze(fused: fx.GraphModule, what: str) -> None:
     """Make more of the fused model trainable.
 
     Args:
-        what: "heads" (each model's last stage) or "all" (every stage). Stages stay
-            in eval mode either way; only their weights become trainable.
+        what: "heads" (each model's last stage that holds weights) or "all" (every
+            stage). Stages stay in eval mode either way; only their weights become
+            trainable. A model cut at its logit has a last stage of weightless
+            operations (a sigmoid, a squeeze); "heads" then trains the stage before
+            it, which holds the head's weights.
     """
     if what not in ("heads", "all"):
         raise FxfuseError(f"unfreeze takes 'heads' or 'all', not '{what}'")
     fused.keep("unfrozen", what)
     for model in fused.fusion_info.models:
         stages = stages_of(fused, model.name)
-        stages = stages[-1:] if what == "heads" else stages
+        if what == "heads":
+            weighted = [s for s in stages if any(True for _ in s.parameters())]
+            stages = weighted[-1:]
         for stage in stages:
             for parameter in stage.parameters():
                 parameter.requires_grad_(True)

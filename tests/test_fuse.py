@@ -316,3 +316,27 @@ def test_fxfuse_fuse_starts_the_fusion_modules_from_its_seed(tmp_path, capsys):
     readers = [k for k in first if "readers" in k]
     assert readers and all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in readers)
+
+
+def test_unfreeze_heads_trains_the_head_even_when_the_last_cut_is_the_logit():
+    models = {
+        "a": [TabularMLP(SPARSE, DENSE, (8, 8)).eval()],
+        "b": [TabularMLP(SPARSE, DENSE, (16, 8)).eval()],
+    }
+    fused = fxfuse.fuse(models, (_features(),), levels=3, width=8)
+    names = [m.name for m in fused.fusion_info.models]
+    last_stages = [fxfuse.generate.stages_of(fused, n)[-1] for n in names]
+    assert not any(p.numel() for s in last_stages for p in s.parameters())
+
+    fxfuse.unfreeze(fused, "heads")
+    for name in names:
+        trainable = {
+            n.split(".", 1)[1]
+            for n, p in fused.get_submodule(name).named_parameters()
+            if p.requires_grad
+        }
+        assert "head.weight" in trainable and "head.bias" in trainable
+        assert not any(n.startswith("embeddings") for n in trainable)
+
+    fxfuse.unfreeze(fused, "all")
+    assert all(p.requires_grad for p in fused.parameters())

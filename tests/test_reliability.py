@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 import fxfuse
-from fxfuse.errors import FxfuseError
+from fxfuse.errors import FxfuseError, LimitationWarning
 from fxfuse.load import load_model
 from fxfuse.split import chain
 from fxfuse.trace import FrozenAttributeWarning, ModeDependentGraphWarning, trace
@@ -376,6 +376,16 @@ LIMITATION_TRIGGERS = {
 }
 
 
+def _fuse_models_smaller_than_one_fusion_layer(tmp_path):
+    fxfuse.fuse({"a": [Small()], "b": [Small(16)]}, (torch.randn(3, 4),), levels=1)
+
+
+# Limitations that fxfuse warns about and works through, rather than refuses.
+LIMITATION_WARNINGS = {
+    "small-models": [_fuse_models_smaller_than_one_fusion_layer],
+}
+
+
 def _limitation_entries() -> list[str]:
     text = (ROOT / "docs" / "limitations.md").read_text()
     return re.findall(r"^## (\S+)$", text, flags=re.MULTILINE)
@@ -394,12 +404,27 @@ def test_an_error_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger
     assert entry in _limitation_entries()
 
 
+@pytest.mark.parametrize(
+    "entry, trigger",
+    [(e, t) for e, triggers in LIMITATION_WARNINGS.items() for t in triggers],
+    ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
+)
+def test_a_warning_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger):
+    with pytest.warns(LimitationWarning) as caught:
+        trigger(tmp_path)
+    (warning,) = [w.message for w in caught if isinstance(w.message, LimitationWarning)]
+    assert warning.limitation == entry
+    assert str(warning).endswith(f"(see docs/limitations.md#{entry})")
+    assert entry in _limitation_entries()
+
+
 def test_every_limitation_has_an_entry_the_code_names_and_a_test():
     named = set()
     for path in (ROOT / "fxfuse").rglob("*.py"):
         named |= set(re.findall(r'limitation="([^"]+)"', path.read_text()))
     entries = _limitation_entries()
-    assert named == set(entries) == set(LIMITATION_TRIGGERS)
+    tested = set(LIMITATION_TRIGGERS) | set(LIMITATION_WARNINGS)
+    assert named == set(entries) == tested
 
 
 class _TinyCNN(nn.Module):

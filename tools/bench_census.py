@@ -129,9 +129,7 @@ MULTI_TASK = ("sharedbottom", "mmoe", "ple")
 # passed explicitly. The second row is the four MLPs with `fxfuse train`'s defaults
 # (fitted head start, members frozen), to show what those cost or gain here.
 FUSIONS: dict[str, Fusion] = {
-    "fxfuse (4 MLPs)": Fusion(
-        members=("mlp8", "mlp16"), head_start="uniform", unfreeze="heads"
-    ),
+    "fxfuse (4 MLPs)": Fusion(members=("mlp8", "mlp16"), head_start="uniform"),
     "fxfuse (4 MLPs, fitted heads)": Fusion(members=("mlp8", "mlp16")),
     "fxfuse (heterogeneous)": Fusion(
         members=("mlp8", "mlp16", "dcn", "deepfm"),

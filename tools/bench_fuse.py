@@ -10,9 +10,9 @@ single-task models) it measures:
   FLOPs at most 10%).
 
 Each row says whether it meets both targets. The census MLPs are smaller than one
-AKF layer of the default width (64), so they are also measured with width 8, at three
-levels and at one: the targets are about large members, and the table shows what
-they cost small ones.
+AKF layer of the default width (64), so they are also measured with width 8 (three
+levels and one) and width 4 (one level): the targets are about large members, and
+the table shows what fusion costs small ones.
 
 Writes ``bench/fuse.json`` and prints a table. Run from the repository root:
 
@@ -157,7 +157,7 @@ def census_case(quick: bool, repeats: int) -> dict:
     example = ({k: v[:8] for k, v in rows.items()},)
     return [
         measure("4 x census MLP", tasks, example, (rows,), repeats, width, levels)
-        for width, levels in ((64, 3), (8, 3), (8, 1))
+        for width, levels in ((64, 3), (8, 3), (8, 1), (4, 1))
     ]
 
 
