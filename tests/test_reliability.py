@@ -391,11 +391,16 @@ def _limitation_entries() -> list[str]:
     return re.findall(r"^## (\S+)$", text, flags=re.MULTILINE)
 
 
-@pytest.mark.parametrize(
-    "entry, trigger",
-    [(e, t) for e, triggers in LIMITATION_TRIGGERS.items() for t in triggers],
-    ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
-)
+def _each_trigger(triggers: dict):
+    """Parametrize a test with (entry, trigger) for every trigger of every entry."""
+    return pytest.mark.parametrize(
+        "entry, trigger",
+        [(e, t) for e, functions in triggers.items() for t in functions],
+        ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
+    )
+
+
+@_each_trigger(LIMITATION_TRIGGERS)
 def test_an_error_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger):
     with pytest.raises(FxfuseError) as caught:
         trigger(tmp_path)
@@ -404,11 +409,7 @@ def test_an_error_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger
     assert entry in _limitation_entries()
 
 
-@pytest.mark.parametrize(
-    "entry, trigger",
-    [(e, t) for e, triggers in LIMITATION_WARNINGS.items() for t in triggers],
-    ids=lambda v: v if isinstance(v, str) else v.__name__.strip("_"),
-)
+@_each_trigger(LIMITATION_WARNINGS)
 def test_a_warning_from_a_limitation_points_to_its_entry(tmp_path, entry, trigger):
     with pytest.warns(LimitationWarning) as caught:
         trigger(tmp_path)
