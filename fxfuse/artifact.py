@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,6 +163,14 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
             f"{root / MANIFEST} lacks or garbles an entry ({type(error).__name__}: "
             f"{error}); the artifact is damaged, fuse again"
         ) from None
+    inside = root.resolve()
+    for files in stage_files.values():
+        for file in files:
+            if not (root / file).resolve().is_relative_to(inside):
+                raise ArtifactError(
+                    f"{root / MANIFEST} names a stage outside the artifact ({file}); "
+                    "the artifact is damaged, fuse again"
+                )
     stages = {
         name: [_load_program(root / f) for f in files]
         for name, files in stage_files.items()
@@ -174,7 +183,15 @@ def load(directory: str | os.PathLike) -> fx.GraphModule:
             f"{str(error)[:200]}); the artifact is damaged, fuse again"
         ) from None
     state = _read_file(root / "fusion.safetensors", lambda p: load_file(str(p)))
-    missing, unexpected = fused.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = fused.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # the same names, with other shapes
+        shapes = [line.strip() for line in str(error).splitlines()[1:2]]
+        raise ArtifactError(
+            f"{root}/fusion.safetensors does not match the manifest "
+            f"({'; '.join(shapes)[:200] or 'other shapes'}); the artifact is "
+            "damaged, fuse again"
+        ) from None
     missing = [k for k in missing if _is_fusion_key(k)]
     if missing or unexpected:
         raise ArtifactError(
@@ -286,7 +303,7 @@ def _load_program(path: Path) -> torch.nn.Module:
     try:
         return read_archive(path).module()
     except LoadError as error:
-        reason = error.reason or str(error).splitlines()[0][:150]
+        reason = error.reason or "it holds pickled objects"
         raise ArtifactError(
             f"cannot read stage '{path}' ({reason}); the artifact is damaged, fuse "
             "again"
@@ -313,13 +330,25 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         os.rename(staging, target)
         return
     if _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the old artifact
+        _remove_old(staging, target)  # staging now holds the old artifact
         return
     # Without an atomic exchange: move the old one aside first, then the new in.
     aside = staging.with_name(staging.name + ".old")
     os.rename(target, aside)
     os.rename(staging, target)
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove_old(aside, target)
+
+
+def _remove_old(old: Path, target: Path) -> None:
+    """Remove the replaced artifact. The new one is in place already, so a file that
+    cannot be removed is worth a warning, not a failure."""
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        warnings.warn(
+            f"{target} was written, but the folder it replaced could not be removed "
+            f"entirely; delete {old} yourself",
+            stacklevel=4,
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:

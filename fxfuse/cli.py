@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -96,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except FxfuseError as error:
-        if args.verbose:
-            raise
-        print(f"fxfuse: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _failed(args, str(error), EXIT_BAD_INPUT)
     except BrokenPipeError:
         # The reader of our output went away (`fxfuse inspect ... | head`): not an
         # error. Point stdout at nothing so that Python's exit does not fail too.
@@ -108,27 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         # A path fxfuse cannot read or write: permissions, a read-only file system,
         # a file where a folder should be.
-        if args.verbose:
-            raise
         where = f" '{error.filename}'" if error.filename else ""
-        print(
-            f"fxfuse: error: cannot use{where}: {error.strerror or error}; check the "
-            "path and that you may write there",
-            file=sys.stderr,
+        message = (
+            f"cannot use{where}: {error.strerror or error}; check the path and that "
+            "you may write there"
         )
-        return EXIT_BAD_INPUT
+        return _failed(args, message, EXIT_BAD_INPUT)
     except Exception as error:
         # Not an error fxfuse raises on purpose: still one line, with the way to
         # see where it came from.
-        if args.verbose:
-            raise
         first = (str(error).strip().splitlines() or [""])[0][:300]
-        print(
-            f"fxfuse: error: {type(error).__name__}: {first} (unexpected; run again "
-            "with -v for the traceback)",
-            file=sys.stderr,
+        message = f"{type(error).__name__}: {first} (unexpected"
+        message += (
+            "; the traceback is above)"
+            if args.verbose
+            else ("; run again with -v for the traceback)")
         )
-        return EXIT_INTERNAL
+        return _failed(args, message, EXIT_INTERNAL)
     except KeyboardInterrupt:
         if args.command == "train":
             note = "the same command resumes from the last checkpoint"
@@ -136,6 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             note = "no output was written or changed"
         print(f"fxfuse: interrupted; {note}", file=sys.stderr)
         return 130
+
+
+def _plural(number: int, noun: str) -> str:
+    """'1 task', '2 tasks'."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
+def _failed(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report a failure as one line (after its traceback with -v) and return the
+    exit code: -v shows more, and changes nothing else."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"fxfuse: error: {message}", file=sys.stderr)
+    return code
 
 
 def _configure_logging(verbose: int) -> None:
@@ -644,7 +652,11 @@ def _run_train(args) -> int:
     }
     save_weights(fused, args.artifact, record)
     print(json.dumps({"best_epoch": result.best_epoch, "val": result.best_metrics}))
-    if result.best_epoch == 0:
+    if finished:
+        print(
+            f"the weights of epoch {result.best_epoch} of that run are in {args.artifact}"
+        )
+    elif result.best_epoch == 0:
         print(
             "no epoch improved on the starting weights, so those are saved into "
             f"{args.artifact}"
@@ -764,8 +776,9 @@ def format_fused(fused) -> str:
     trainable = sum(p.numel() for p in fused.parameters() if p.requires_grad)
     total = sum(p.numel() for p in fused.parameters())
     lines = [
-        f"fused model: {len(info.tasks)} tasks, {len(info.models)} models, "
-        f"{info.levels} levels, AKF width {info.width}",
+        f"fused model: {_plural(len(info.tasks), 'task')}, "
+        f"{_plural(len(info.models), 'model')}, {_plural(info.levels, 'level')}, "
+        f"AKF width {info.width}",
         f"parameters: {_count(total)} ({_count(trainable)} trainable)",
     ]
     header = ("task", "model", "tier", "cuts")

@@ -551,16 +551,23 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     before its weights.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        staging = Path(tmp)
-        write(staging / path.name)
-        companions = [f for f in staging.iterdir() if f.name != path.name]
-        for companion in companions:
-            os.replace(companion, path.parent / companion.name)
-        stale = path.with_name(path.name + ".data")
-        if stale.exists() and not any(c.name == stale.name for c in companions):
-            stale.unlink()
-        os.replace(staging / path.name, path)
+    prefix = f".{path.name}."
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=path.parent) as tmp:
+            staging = Path(tmp)
+            write(staging / path.name)
+            companions = [f for f in staging.iterdir() if f.name != path.name]
+            for companion in companions:
+                os.replace(companion, path.parent / companion.name)
+            stale = path.with_name(path.name + ".data")
+            if stale.exists() and not any(c.name == stale.name for c in companions):
+                stale.unlink()
+            os.replace(staging / path.name, path)
+    except OSError as error:
+        if str(error.filename).startswith(str(path.parent / prefix)):
+            # Name the user's path, not the temporary folder they never asked for.
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 # ------------------------------------------------------------------------ parity

@@ -26,6 +26,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename in (temporary, str(temporary)):
+            # Name the user's path, not the temporary file they never asked for.
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()

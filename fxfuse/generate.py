@@ -322,12 +322,15 @@ def _warn_if_fusion_outweighs_models(fused: fx.GraphModule) -> None:
     models = sum(p.numel() for p in fused.parameters()) - fusion
     if fusion > models:
         info = fused.fusion_info
+        cheaper = "a smaller width (--width)"
+        if info.levels > 1:
+            cheaper += " or fewer levels (--levels)"
         warnings.warn(
             LargeFusionWarning(
                 f"the fusion modules add {fusion:,} parameters, "
                 f"{fusion / max(models, 1):.1f} times the {models:,} of the models "
                 f"(AKF width {info.width}, levels {info.levels}); for models this "
-                "small, a smaller --width or fewer --levels costs less",
+                f"small, {cheaper} costs less",
                 limitation="small-models",
             ),
             stacklevel=3,

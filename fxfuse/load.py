@@ -145,7 +145,8 @@ def _refuse_pickled_objects(path: Path) -> None:
     except (zipfile.BadZipFile, OSError) as error:
         raise LoadError(
             f"'{path}' is not a readable torch.export archive ({_reason(error)}); "
-            "write it with torch.export.save(torch.export.export(model, inputs), path)"
+            "write it with torch.export.save(torch.export.export(model, inputs), path)",
+            reason=f"not a torch.export archive: {_reason(error)}",
         ) from None
     for name in names:
         entry = name.rpartition("/")[2]
@@ -404,16 +405,29 @@ def _inputs_from_file(path: Path) -> tuple:
     )
 
 
+# Ids of an intN feature are int64; no embedding table comes near this many rows.
+MAX_VOCABULARY = 2**62
+
+
 def _features(spec: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
     features = {}
     for part in spec.split(","):
         match = _FEATURE.match(part)
         name, kind, high = match["name"], match["kind"], match["high"]
+        if name in features:
+            raise InputError(
+                f"feature '{name}' is given twice in '{spec}'; give each feature once"
+            )
         if kind == "int":
             if high and int(high) < 1:
                 raise InputError(
                     f"feature '{part}' has an empty vocabulary (intN draws ids 0 to "
                     f"N-1); give the vocabulary size, e.g. {name}=int10"
+                )
+            if high and int(high) > MAX_VOCABULARY:
+                raise InputError(
+                    f"feature '{part}' has a vocabulary above {MAX_VOCABULARY:,} ids; "
+                    "give the size of the model's embedding table"
                 )
             features[name] = torch.randint(
                 0, int(high or 2), (MIN_BATCH,), generator=generator

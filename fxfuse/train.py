@@ -445,7 +445,7 @@ def fit(
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
     if folder is not None and (folder / DONE).is_file() and not restart:
-        return _finished_run(model, folder, tasks, _rows(train, val))
+        return _finished_run(model, folder, tasks, config, _rows(train, val))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -672,8 +672,9 @@ def _train_epoch(context: _Context, run: _Run) -> None:
             if not math.isfinite(value):
                 raise FxfuseError(
                     f"the training loss is {value} at epoch {run.epoch}, step "
-                    f"{run.step + 1}; nothing of this run is kept. Lower the learning "
-                    "rate (--lr) and run again with --restart"
+                    f"{run.step + 1}; no weights of this step were kept. Lower the "
+                    "learning rate (--lr) and run again with --restart, which also "
+                    "drops the checkpoints of the epochs before it"
                 )
 
             # An interrupt between the weight update and the counters would leave
@@ -839,7 +840,11 @@ def _load_checkpoint(
 
 
 def _finished_run(
-    model: nn.Module, folder: Path, tasks: dict[str, str], rows: dict[str, int]
+    model: nn.Module,
+    folder: Path,
+    tasks: dict[str, str],
+    config: TrainConfig,
+    rows: dict[str, int],
 ) -> FitResult:
     """The stored result of a finished run, with its final weights loaded."""
     done = _read_record(folder / DONE, lambda: json.loads((folder / DONE).read_text()))
@@ -848,6 +853,18 @@ def _finished_run(
     checkpoint = _read_record(
         path, lambda: torch.load(path, map_location="cpu", weights_only=True)
     )
+    changed = [
+        name
+        for name in _TRAJECTORY_SETTINGS
+        if checkpoint.get("config", {}).get(name) != getattr(config, name)
+    ]
+    if changed:
+        warnings.warn(
+            f"the run in {folder} had already finished with other settings "
+            f"({', '.join(changed)}); nothing was trained with the new ones (restart "
+            "to train with them)",
+            stacklevel=3,
+        )
     with _checkpoint_of_this_model(path):
         model.load_state_dict(checkpoint["model"])
     logger.info("%s: training already finished; loaded its weights", folder)

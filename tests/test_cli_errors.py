@@ -126,6 +126,8 @@ def test_a_width_that_is_not_a_multiple_of_the_heads_is_a_fuse_error():
         ("2x3x0", "dimension of 0"),
         ("100000x3x224x224", "more than"),
         ("shop=int0,price=float", "empty vocabulary"),
+        ("shop=int99999999999999999999", "vocabulary above"),
+        ("shop=int5,price=float,shop=int9", "'shop' is given twice"),
     ],
 )
 def test_example_inputs_that_cannot_be_made_are_refused(spec, fragment):
@@ -234,6 +236,15 @@ def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys):
     blocker.write_text("")
     argv = ["fuse", "--task", f"t={model}", "--levels", "1"]
     _refused(capsys, [*argv, "-o", str(blocker / "fused")], "cannot use", "a_file")
+
+
+def test_a_picture_that_cannot_replace_a_folder_names_the_folder(tmp_path, capsys):
+    model = _tiny_archive(tmp_path)
+    folder = tmp_path / "picture.dot"
+    folder.mkdir()
+    argv = ["inspect", model, "--graph", str(folder), "--force"]
+    captured = _refused(capsys, argv, f"cannot use '{folder}'")
+    assert ".tmp" not in captured.err
 
 
 @pytest.mark.parametrize(

@@ -75,14 +75,16 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_verbose_shows_the_traceback(tmp_path):
+def test_verbose_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fxfuse", "-v", "inspect", str(tmp_path / "x.pt2")],
         capture_output=True,
         text=True,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fxfuse: error: ") and "does not exist" in last
 
 
 def test_missing_example_inputs_are_asked_for():

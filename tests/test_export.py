@@ -5,9 +5,11 @@ read the written files back with onnx, ONNX Runtime and torch.export, independen
 of the report the exporter returns.
 """
 
+import errno
 import importlib.util
 import json
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -445,3 +447,17 @@ def test_a_larger_tolerance_accepts_the_same_difference(tmp_path):
         Tampered().eval(), (torch.randn(4, 3),), tmp_path / "t.pt2", tolerance=1e-2
     )
     assert report.passed and report.tolerance == 1e-2
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_not_its_temporary(
+    tmp_path, monkeypatch
+):
+    def read_only_folder(suffix=None, prefix=None, dir=None):
+        raise OSError(errno.EROFS, "Read-only file system", f"{dir}/{prefix}abc123")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_folder)
+    target = tmp_path / "fused.onnx"
+    with pytest.raises(OSError) as caught:
+        fxfuse.export._write_atomically(target, lambda path: path.write_text("x"))
+    assert caught.value.filename == str(target)
+    assert caught.value.errno == errno.EROFS

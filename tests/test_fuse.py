@@ -167,6 +167,11 @@ def test_fusion_larger_than_its_models_is_warned_about_with_its_size():
     assert f"add {fusion:,} parameters" in text
     assert "--width" in text and "--levels" in text
 
+    with pytest.warns(LargeFusionWarning) as caught:
+        fxfuse.fuse(models, (_features(),), levels=1, width=64)
+    assert "--width" in str(caught[0].message)
+    assert "--levels" not in str(caught[0].message)  # one level is the fewest
+
 
 def test_fusion_smaller_than_its_models_gives_no_size_warning():
     def wide() -> nn.Module:

@@ -479,9 +479,9 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
         # Enough epochs (each takes well under a second) that the interrupt
         # lands while training, not after it.
         "--epochs",
-        "150",
+        "400",
         "--patience",
-        "150",
+        "400",
         "--max-steps",
         "10",
         "--batch-size",
@@ -493,7 +493,7 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
     checkpoint = out / "train" / "last.pt"
     deadline = time.time() + 240
     while not checkpoint.exists() and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert checkpoint.exists(), "no checkpoint was written"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -511,6 +511,14 @@ def test_ctrl_c_during_training_leaves_a_checkpoint_the_next_run_resumes(tmp_pat
     assert again.returncode == 0, again.stderr
     assert "had already finished" in again.stdout
     assert "--restart" in again.stdout
+    assert "saved into" not in again.stdout
+
+    # ... and says so when it is given other settings, which it does not use.
+    other_lr = subprocess.run(
+        train + ["--lr", "0.5"], capture_output=True, text=True, env=env
+    )
+    assert other_lr.returncode == 0, other_lr.stderr
+    assert "already finished with other settings (lr)" in other_lr.stderr
 
     # Other data than the run was trained on: refused, pointing at --restart.
     other = ["512" if arg == "1024" else arg for arg in train if arg != "-v"]

@@ -2,6 +2,7 @@
 nothing run, nothing lost."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -177,12 +178,41 @@ def _split(rows: int, features: int = 4) -> Split:
     return Split(x, {"t": (x[:, 0] > 0).float(), "u": (x[:, 1] > 0).float()})
 
 
-@pytest.mark.parametrize("damage", ["weights", "manifest key", "example inputs"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "weights",
+        "weights of another width",
+        "stage",
+        "stage outside",
+        "manifest key",
+        "example inputs",
+    ],
+)
 def test_a_damaged_artifact_is_one_error_that_says_so(tmp_path, damage):
     folder = tmp_path / "fused"
     fxfuse.save(_fused(), folder)
     if damage == "weights":
         (folder / "fusion.safetensors").unlink()
+    elif damage == "weights of another width":
+        other = fxfuse.fuse(
+            {"t": [_Tiny(0), _Tiny(1)], "u": [_Tiny(2)]},
+            (torch.randn(4, 4),),
+            levels=1,
+            width=16,
+        )
+        fxfuse.save(other, tmp_path / "other")
+        (tmp_path / "other" / "fusion.safetensors").replace(
+            folder / "fusion.safetensors"
+        )
+    elif damage == "stage":
+        next((folder / "stages").iterdir()).write_bytes(b"not an archive")
+    elif damage == "stage outside":  # a readable stage, but not the artifact's
+        manifest = json.loads((folder / "manifest.json").read_text())
+        stage = manifest["stages"]["u__tiny"][0]
+        shutil.copy(folder / stage, tmp_path / "elsewhere.pt2")
+        manifest["stages"]["u__tiny"][0] = "../elsewhere.pt2"
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     elif damage == "manifest key":
         manifest = json.loads((folder / "manifest.json").read_text())
         del manifest["stages"]
@@ -190,8 +220,9 @@ def test_a_damaged_artifact_is_one_error_that_says_so(tmp_path, damage):
     else:
         (folder / "example_inputs.pt").write_bytes(b"not a tensor file")
 
-    with pytest.raises(ArtifactError, match="damaged"):
+    with pytest.raises(ArtifactError, match="damaged, fuse again") as caught:
         fxfuse.load(folder)
+    assert "torch.export.save" not in str(caught.value)  # advice for a user's file
     _one_line_error(
         fxfuse_cli("evaluate", str(folder), "--data", "census-income"), "damaged"
     )
@@ -220,6 +251,31 @@ def test_new_weights_and_manifest_are_swapped_in_together(tmp_path):
     assert not stale.exists()
     assert (folder / "stages").stat().st_ino != before  # a new folder took its place
     assert [p.name for p in tmp_path.iterdir()] == ["fused"]
+
+
+def test_new_weights_stay_in_place_when_the_old_folder_cannot_be_removed(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "fused"
+    fused = _fused()
+    fxfuse.save(fused, folder)
+    remove = shutil.rmtree
+
+    def remove_all_but_the_old_artifact(path, ignore_errors=False):
+        if ignore_errors:  # the removals that may fail: pretend a file is immutable
+            return
+        remove(path)
+
+    monkeypatch.setattr(shutil, "rmtree", remove_all_but_the_old_artifact)
+    with torch.no_grad():
+        fused.get_submodule("mix_t").logits.copy_(torch.tensor([0.9, 0.1]).log())
+    with pytest.warns(UserWarning, match="could not be removed entirely; delete"):
+        save_weights(fused, folder, {"best_epoch": 3})
+
+    reloaded = fxfuse.load(folder)
+    assert torch.allclose(
+        reloaded.get_submodule("mix_t").logits.softmax(0), torch.tensor([0.9, 0.1])
+    )
 
 
 def test_data_that_do_not_fit_the_fused_model_name_both_inputs():
