@@ -116,12 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Not an error fxfuse raises on purpose: still one line, with the way to
         # see where it came from.
         first = (str(error).strip().splitlines() or [""])[0][:300]
-        message = f"{type(error).__name__}: {first} (unexpected"
-        message += (
-            "; the traceback is above)"
+        hint = (
+            "the traceback is above"
             if args.verbose
-            else ("; run again with -v for the traceback)")
+            else "run again with -v for the traceback"
         )
+        message = f"{type(error).__name__}: {first} (unexpected; {hint})"
         return _failed(args, message, EXIT_INTERNAL)
     except KeyboardInterrupt:
         if args.command == "train":

@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 
 from ._version import __version__
 from .errors import ExportError
-from .files import write_text
+from .files import errors_name, write_text
 
 log = logging.getLogger("fxfuse")
 
@@ -552,7 +552,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}."
-    try:
+    with errors_name(path, prefix):
         with tempfile.TemporaryDirectory(prefix=prefix, dir=path.parent) as tmp:
             staging = Path(tmp)
             write(staging / path.name)
@@ -563,11 +563,6 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             if stale.exists() and not any(c.name == stale.name for c in companions):
                 stale.unlink()
             os.replace(staging / path.name, path)
-    except OSError as error:
-        if str(error.filename).startswith(str(path.parent / prefix)):
-            # Name the user's path, not the temporary folder they never asked for.
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
 
 
 # ------------------------------------------------------------------------ parity

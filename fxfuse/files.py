@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -24,17 +24,27 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        if error.filename in (temporary, str(temporary)):
-            # Name the user's path, not the temporary file they never asked for.
-            raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
+        with errors_name(path, temporary.name):
+            write(temporary)
+            os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
     return path
+
+
+@contextlib.contextmanager
+def errors_name(path: Path, temporary_prefix: str) -> Iterator[None]:
+    """Report an OSError about a temporary file or folder beside `path` (its name
+    starts with `temporary_prefix`) as one about `path`: the user never asked for
+    the temporary one."""
+    try:
+        yield
+    except OSError as error:
+        temporary = str(path.parent / temporary_prefix)
+        if error.filename is not None and str(error.filename).startswith(temporary):
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -414,7 +414,7 @@ def unfreeze(fused: fx.GraphModule, what: str) -> None:
     for model in fused.fusion_info.models:
         stages = stages_of(fused, model.name)
         if what == "heads":
-            weighted = [s for s in stages if any(True for _ in s.parameters())]
+            weighted = [s for s in stages if list(s.parameters())]
             stages = weighted[-1:]
         for stage in stages:
             for parameter in stage.parameters():

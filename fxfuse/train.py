@@ -817,11 +817,7 @@ def _load_checkpoint(
         path, lambda: torch.load(path, map_location="cpu", weights_only=True)
     )
     _check_same_run(path, checkpoint, tasks, rows)
-    changed = [
-        name
-        for name in _TRAJECTORY_SETTINGS
-        if checkpoint["config"].get(name) != getattr(config, name)
-    ]
+    changed = _changed_settings(checkpoint, config)
     if changed:
         warnings.warn(
             f"resuming {path} with other settings ({', '.join(changed)}); the run "
@@ -839,6 +835,13 @@ def _load_checkpoint(
     return run
 
 
+def _changed_settings(checkpoint: dict, config: TrainConfig) -> list[str]:
+    """The settings of `config` that change the weights a run ends with and differ
+    from those the checkpoint was trained with."""
+    stored = checkpoint.get("config", {})
+    return [n for n in _TRAJECTORY_SETTINGS if stored.get(n) != getattr(config, n)]
+
+
 def _finished_run(
     model: nn.Module,
     folder: Path,
@@ -853,11 +856,7 @@ def _finished_run(
     checkpoint = _read_record(
         path, lambda: torch.load(path, map_location="cpu", weights_only=True)
     )
-    changed = [
-        name
-        for name in _TRAJECTORY_SETTINGS
-        if checkpoint.get("config", {}).get(name) != getattr(config, name)
-    ]
+    changed = _changed_settings(checkpoint, config)
     if changed:
         warnings.warn(
             f"the run in {folder} had already finished with other settings "
